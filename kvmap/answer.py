@@ -1,0 +1,91 @@
+"""Ask a question with (or without) memory: prompt building, generation, and provenance of what came back."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from kvmap.models.loading import LoadedModel
+from kvmap.ports import ImportConfig, ImportTrace, MemoryEntry, MemoryPort
+
+
+@dataclass
+class Answer:
+    """A generated answer and the memories that were imported most often while producing it."""
+
+    text: str
+    memories: list[MemoryEntry] = field(default_factory=list)
+    """Most-retrieved memory tokens, with a snippet of their neighbourhood as ``text``."""
+    source_shares: dict[str, float] = field(default_factory=dict)
+    """Source -> share of all retrievals that came from it (sums to 1 over sources)."""
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+def chat_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat prompt (falls back to plain text for tokenizers without a template)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(question, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, prompt_ids: list[int], memory=None, config: ImportConfig | None = None,
+             max_new_tokens: int = 64, do_sample: bool = False, port: MemoryPort | None = None,
+             **generate_kwargs) -> tuple[str, ImportTrace, int]:
+    """Generate a continuation of ``prompt_ids``, importing from ``memory`` when given.
+
+    Returns the decoded new text, the import trace (empty without memory) and the new token count.
+    """
+    import contextlib
+
+    port = port or lm.port
+    ids = torch.tensor(prompt_ids)[None]
+    block = port.importing(memory, config) if memory is not None else contextlib.nullcontext(ImportTrace())
+    with block as trace:
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, pad_token_id=lm.tokenizer.eos_token_id, **generate_kwargs)
+    new = out[0, ids.shape[1]:]
+    return lm.tokenizer.decode(new, skip_special_tokens=True).strip(), trace, len(new)
+
+
+def snippet(memory, memory_id: int, radius: int = 8) -> str:
+    """Text around one memory token: its neighbours from the same source and document."""
+    centre = memory.entry(memory_id)
+    parts = []
+    for i in range(max(0, memory_id - radius), min(memory.n_tokens, memory_id + radius + 1)):
+        e = memory.entry(i)
+        if e.source == centre.source and e.doc_id == centre.doc_id:
+            parts.append(e.text)
+    return "".join(parts).replace("\n", " ").strip()
+
+
+def describe_trace(memory, trace: ImportTrace, n: int = 8) -> tuple[list[MemoryEntry], dict[str, float]]:
+    """The ``n`` most-retrieved memories (with snippets) and each source's share of all retrievals."""
+    per_source: Counter = Counter()
+    for memory_id, hits in trace.hits.items():
+        per_source[memory.entry(memory_id).source] += hits
+    total = sum(per_source.values()) or 1.0
+    entries = []
+    for memory_id, hits in trace.top(n):
+        e = memory.entry(memory_id, score=hits)
+        e.text = snippet(memory, memory_id)
+        entries.append(e)
+    shares = {src: c / total for src, c in per_source.most_common()}
+    return entries, shares
+
+
+def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None = None,
+        max_new_tokens: int = 64, n_memories: int = 8, port: MemoryPort | None = None) -> Answer:
+    """Answer ``question`` with the model, importing memories from ``memory`` (``None``: no memory)."""
+    import time
+
+    began = time.perf_counter()
+    text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), memory, config, max_new_tokens, port=port)
+    answer = Answer(text=text, new_tokens=n_new, seconds=time.perf_counter() - began)
+    if memory is not None:
+        answer.memories, answer.source_shares = describe_trace(memory, trace, n_memories)
+    return answer

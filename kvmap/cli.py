@@ -1,0 +1,256 @@
+"""The ``kvmap`` command line: remember, ask, forget, info, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kvmap.errors import KVMapError
+
+
+STORE_CHOICES = ["exact", "faiss-flat", "faiss-hnsw", "faiss-ivfpq", "lsh"]
+
+
+def _comma_ints(text: str) -> list[int]:
+    try:
+        return [int(x.replace("_", "").lower().replace("k", "000")) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers (e.g. 16000,64k)")
+
+
+def _import_config(args):
+    from kvmap.ports import ImportConfig
+
+    return ImportConfig(top_k=args.top_k, distance=args.distance)
+
+
+def _load(model: str | None):
+    from kvmap.models.loading import load_model
+
+    return load_model(model)
+
+
+def _model_for_memory(memory, requested: str | None) -> str | None:
+    """The model to load for a memory: the one asked for, else the built-in that made the memory."""
+    from kvmap.models.loading import BUILTIN
+
+    if requested:
+        return requested
+    for name, (model_id, _) in BUILTIN.items():
+        if model_id == memory.model_id:
+            return name
+    raise KVMapError(f"memory {memory.path} was made by '{memory.model_id}'; pass that checkpoint with --model PATH")
+
+
+def cmd_remember(args) -> int:
+    from kvmap.reader import ReaderConfig, read_into
+    from kvmap.stores import Memory
+    from kvmap.textfiles import read_text
+
+    texts = {path: read_text(path) for path in args.files}  # fail fast, before loading the model
+    lm = _load(args.model)
+    port = lm.port
+    memory = Memory.open_or_create(args.memory, lm.model_id, port.layout, store=args.store)
+    port.check_memory(memory)
+    known = {s["source"] for s in memory.sources()}
+    reader = ReaderConfig(chunk_size=args.chunk_size)
+    for path, text in texts.items():
+        source = "<stdin>" if path == "-" else path
+        if source in known and not args.replace:
+            print(f"{source}: already in memory, skipped (use --replace to read it again)", file=sys.stderr)
+            continue
+        if source in known:
+            memory.forget(source)
+        stats = read_into(port, lm.tokenizer, memory, source, [text], reader, progress=not args.quiet)
+        print(f"{source}: {stats.n_tokens} tokens in {stats.seconds:.1f}s ({stats.tokens_per_s:.0f} tok/s)")
+    print(f"memory {args.memory}: {memory.n_tokens} tokens from {len(memory.sources())} source(s)")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from kvmap.answer import ask
+    from kvmap.stores import Memory
+
+    memory = Memory.open(args.memory)
+    lm = _load(_model_for_memory(memory, args.model))
+    answer = ask(lm, args.question, None if args.no_memory else memory, _import_config(args),
+                 max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"answer": answer.text,
+                          "memories": [{"source": m.source, "text": m.text, "score": m.score} for m in answer.memories],
+                          "sources": answer.source_shares}))
+        return 0
+    print(answer.text)
+    if answer.memories:
+        print("\nmemories that came back (source, hits, text):")
+        for m in answer.memories:
+            print(f"  {m.source:30.30s} {m.score:6.0f}  {m.text[:90]}")
+    return 0
+
+
+def cmd_forget(args) -> int:
+    from kvmap.stores import Memory
+
+    memory = Memory.open(args.memory)
+    removed = memory.forget(args.source)
+    print(f"forgot {args.source}: {removed} tokens; {memory.n_tokens} remain")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from kvmap.stores import Memory
+
+    memory = Memory.open(args.dir, verify=args.verify)
+    disk = sum(f.stat().st_size for f in memory.path.rglob("*") if f.is_file())
+    info = {"path": str(memory.path), "model": memory.model_id, "n_tokens": memory.n_tokens,
+            "store": memory.store_kind, "layout": memory.layout.as_dict(), "disk_bytes": disk,
+            "sources": memory.sources()}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"memory {info['path']}\n  model   {info['model']}\n  store   {info['store']}\n"
+          f"  tokens  {info['n_tokens']}\n  disk    {disk / 2**20:.1f} MiB "
+          f"({disk / max(1, memory.n_tokens):.0f} bytes/token)")
+    for s in info["sources"]:
+        print(f"  - {s['source']}: {s['n_tokens']} tokens")
+    return 0
+
+
+def cmd_eval_passkey(args) -> int:
+    from kvmap.errors import InputError
+    from kvmap.eval.passkey import METHODS, run_passkey
+    from kvmap.reader import ReaderConfig
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise InputError(f"unknown passkey method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    lm = _load(args.model)
+    log = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        log = os.path.join(args.out, "predictions.jsonl")  # resumable: finished trials are skipped
+    results = [run_passkey(lm, length, args.trials, methods, _import_config(args), ReaderConfig(),
+                           store=args.store, seed=args.seed, progress=not args.json, log_path=log)
+               for length in args.length]
+    if args.out:
+        with open(os.path.join(args.out, "passkey.json"), "w") as f:
+            json.dump([{k: v for k, v in r.items() if k != "examples"} for r in results], f, indent=1)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "examples"} for r in results]))
+        return 0
+    for r in results:
+        print(f"passkey, {r['length']} tokens, {r['trials']} trials, model {r['model']}")
+        for method, m in r["methods"].items():
+            if m["n"]:
+                print(f"  {method:9s} {m['accuracy']:6.1%}  ({m['correct']}/{m['n']}, 95% CI {m['ci95'][0]:.0%}-{m['ci95'][1]:.0%})")
+            else:
+                print(f"  {method:9s} skipped: {m['skipped']}")
+        for key, value in r["speed"].items():
+            print(f"  {key:24s} {value:8.1f}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from kvmap.eval.report import build_report
+
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        raise KVMapError(f"{runs}: no such runs folder; run `kvmap eval passkey --out {runs}/NAME` first")
+    build_report(runs, Path(args.output))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kvmap.demo import run_demo
+
+    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmap", description="Memory-mapped key/value memory for transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def import_options(sp):
+        sp.add_argument("--top-k", type=int, default=16, help="memories per layer, query head and token (16)")
+        sp.add_argument("--distance", type=int, default=4096, help="how far behind the query memories sit (4096)")
+
+    r = sub.add_parser("remember", help="read text files into a memory folder")
+    r.add_argument("files", nargs="+", help="UTF-8 text files ('-' reads standard input)")
+    r.add_argument("--memory", required=True, help="memory folder (created if missing)")
+    r.add_argument("--model", help="built-in name (smollm2-135m, gemma3-270m) or local checkpoint folder")
+    r.add_argument("--store", default=None, choices=STORE_CHOICES,
+                   help="search structure for a new memory (exact); an existing memory keeps its own")
+    r.add_argument("--chunk-size", type=int, default=512, help="tokens per forward pass (512)")
+    r.add_argument("--replace", action="store_true", help="read files already in memory again")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_remember)
+
+    a = sub.add_parser("ask", help="answer a question using a memory")
+    a.add_argument("question")
+    a.add_argument("--memory", required=True)
+    a.add_argument("--model", help="defaults to the model that made the memory")
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--no-memory", action="store_true", help="answer without importing memories (baseline)")
+    a.add_argument("--json", action="store_true", help="print one JSON object {answer, memories}")
+    import_options(a)
+    a.set_defaults(func=cmd_ask)
+
+    f = sub.add_parser("forget", help="remove one source from a memory")
+    f.add_argument("source")
+    f.add_argument("--memory", required=True)
+    f.set_defaults(func=cmd_forget)
+
+    i = sub.add_parser("info", help="describe a memory folder")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", dest="verify", action="store_false", help="skip checksum verification")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="evaluation tasks")
+    esub = e.add_subparsers(dest="task", required=True)
+    pk = esub.add_parser("passkey", help="passkey retrieval (Landmark Attention template)")
+    pk.add_argument("--length", type=_comma_ints, default=[16000], help="context length(s) in tokens, e.g. 16000,64k")
+    pk.add_argument("--trials", type=int, default=20)
+    pk.add_argument("--methods", default="kvmap,truncate", help="comma list of kvmap,truncate,full,none")
+    pk.add_argument("--model")
+    pk.add_argument("--store", default="exact", choices=STORE_CHOICES)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--out", help="run folder: passkey.json (metrics) and predictions.jsonl (every trial; resumable)")
+    pk.add_argument("--json", action="store_true")
+    import_options(pk)
+    pk.set_defaults(func=cmd_eval_passkey)
+
+    rp = sub.add_parser("report", help="build RESULTS.md from run files")
+    rp.add_argument("runs", help="folder holding run folders (passkey.json, sweep.json)")
+    rp.add_argument("-o", "--output", default="RESULTS.md")
+    rp.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="fairy tales into memory, questions answered from it")
+    d.add_argument("--memory", help="memory folder (default: $KVMAP_CACHE/demo-memory)")
+    d.add_argument("--tales", type=int, default=24, help="how many Grimm tales to remember (24)")
+    d.add_argument("--rebuild", action="store_true", help="read the tales again")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KVMapError as err:
+        print(f"kvmap: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvmap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

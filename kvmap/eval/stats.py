@@ -1,0 +1,19 @@
+"""Small statistics helpers for evaluation tables."""
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial rate (Wilson 1927); (0, 1) when n == 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None

@@ -1,0 +1,224 @@
+"""MemoryPort for Hugging Face Llama-family models (Llama, SmolLM2, Qwen2-like; Gemma 3 via q/k norms).
+
+The port swaps each attention module's ``forward`` for :func:`_attention_forward` while a context
+manager is active (and restores it in ``finally``). That forward is the transformers one, plus:
+
+- export: the pre-RoPE keys and the values of the new tokens go to a recorder;
+- import: the queries search the memory, and the top-k memory K/V join the local K/V in one softmax.
+
+Everything that depends on transformers' attention internals lives in this file.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from kvmap.errors import KVMapError, MemoryFormatError
+from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, Recorder
+from kvmap.rope import cos_sin, rotate
+
+
+@dataclass
+class _PortState:
+    """What the patched attention forwards read while a port is attached."""
+
+    recorder: Recorder | None = None
+    memory: object | None = None
+    config: ImportConfig = field(default_factory=ImportConfig)
+    trace: ImportTrace = field(default_factory=ImportTrace)
+    rotary: nn.Module | None = None
+    query_cos_sin: dict = field(default_factory=dict)
+    """(dtype) -> cos, sin of shape (head_dim,) at position ``config.distance``."""
+
+    def imports(self, layer: int) -> bool:
+        if self.memory is None or self.memory.n_tokens == 0:
+            return False
+        return self.config.layers is None or layer in self.config.layers
+
+
+def _local_mask(t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Causal mask (T, S): the T queries are the last T of the S keys; optional sliding window."""
+    q_pos = torch.arange(s - t, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_rot: torch.Tensor,
+                        k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+    """Attention over [top-k memories, local K/V] in one softmax.
+
+    Parameters
+    ----------
+    q, q_rot : (1, Hq, T, d) pre-RoPE and rotated queries.
+    k_all, v_all : (1, Hkv, S, d) rotated local keys (cache included) and values.
+
+    Returns
+    -------
+    (1, T, Hq, d) attention output, as transformers' attention functions return it.
+    """
+    cfg, memory, layer = state.config, state.memory, attn.layer_idx
+    _, n_q, t, d = q.shape
+    n_kv, s = k_all.shape[1], k_all.shape[2]
+    r = n_q // n_kv  # query heads per KV head (GQA group)
+    scale = attn.scaling
+
+    # Local part: ordinary RoPE attention, causal (and windowed on sliding-window layers).
+    qg = q_rot[0].reshape(n_kv, r, t, d)  # (Hkv, r, T, d)
+    local = torch.einsum("hrtd,hsd->hrts", qg, k_all[0]) * scale  # (Hkv, r, T, S)
+    window = getattr(attn, "sliding_window", None)
+    local = local.masked_fill(~_local_mask(t, s, window, q.device), float("-inf"))
+
+    # Memory part: each query head searches with its own query, rotated so that memories
+    # (stored at position 0) sit `distance` tokens behind it.
+    if cfg.placement == "fixed":
+        cos, sin = state.query_cos_sin[q.dtype]
+        qm = rotate(q[0], cos, sin)  # (Hq, T, d)
+    else:
+        qm = q_rot[0]
+    queries = qm.reshape(n_kv, r * t, d)  # (Hkv, r*T, d): a group's queries search that KV head's store
+    _, ids = memory.search(layer, queries.float(), cfg.top_k)  # (Hkv, r*T, k)
+    mem_k, mem_v = memory.fetch(layer, ids)  # (Hkv, r*T, k, d)
+    mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
+    if cfg.placement == "true":
+        pos_cos, pos_sin = cos_sin(state.rotary, memory.offsets(ids), mem_k)
+        mem_k = rotate(mem_k, pos_cos, pos_sin)
+    # Re-score exactly: approximate stores return approximate scores.
+    mem_logits = torch.einsum("hmd,hmkd->hmk", queries, mem_k) * scale
+    mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
+    k = ids.shape[-1]
+    mem_logits = mem_logits.reshape(n_kv, r, t, k)  # (Hkv, r, T, k)
+    state.trace.record(ids)
+
+    probs = torch.softmax(torch.cat([mem_logits, local], dim=-1).float(), dim=-1).to(q.dtype)
+    out = torch.einsum("hrtk,hrtkd->hrtd", probs[..., :k], mem_v.reshape(n_kv, r, t, k, d))
+    out = out + torch.einsum("hrts,hsd->hrtd", probs[..., k:], v_all[0])
+    return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
+
+
+def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
+                       attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+    """Replacement for ``LlamaAttention.forward`` (same signature and outputs) with export/import."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    state: _PortState = self._kvmap_state
+    cache = cache if cache is not None else past_key_values
+    b, t, _ = hidden_states.shape
+    d = self.head_dim
+    q = self.q_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)  # (B, Hq, T, d)
+    k = self.k_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+    v = self.v_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, d)
+    if getattr(self, "q_norm", None) is not None:  # Gemma 3 / Qwen 3 normalise q and k before RoPE
+        q, k = self.q_norm(q), self.k_norm(k)
+
+    if state.recorder is not None:
+        state.recorder(self.layer_idx, k, v)
+
+    cos, sin = position_embeddings  # (B, T, d)
+    q_rot, k_rot = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
+    if cache is not None:
+        k_all, v_all = cache.update(k_rot, v, self.layer_idx, kwargs=kwargs)
+    else:
+        k_all, v_all = k_rot, v
+
+    if state.imports(self.layer_idx):
+        if b != 1:
+            raise KVMapError("memory import runs one sequence at a time (batch size 1); loop over the batch")
+        out = _attend_with_memory(self, state, q, q_rot, k_all, v_all)
+    else:
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
+        out, _ = attend(self, q_rot, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)
+    out = out.reshape(b, t, -1).contiguous()
+    return self.o_proj(out), None
+
+
+class LlamaMemoryPort(MemoryPort):
+    """MemoryPort for a transformers causal LM whose layers are ``model.model.layers[i].self_attn``.
+
+    Parameters
+    ----------
+    model
+        A ``LlamaForCausalLM``-like model (or its base ``LlamaModel``).
+    model_id
+        Identity written into memories this port exports and checked on import.
+    """
+
+    def __init__(self, model: nn.Module, model_id: str = "unknown"):
+        self.model = model
+        self.base = model.model if hasattr(model, "model") else model
+        self.attentions = [layer.self_attn for layer in self.base.layers]
+        cfg = self.base.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
+        self.model_id = model_id
+        self.rotary = self.base.rotary_emb
+
+    _forward = staticmethod(_attention_forward)
+    """The attention forward swapped in while attached (families with extra needs override it)."""
+
+    def layer_rotary(self, layer: int) -> nn.Module:
+        """The rotary module layer ``layer`` rotates with (the same for every layer in Llama-like models)."""
+        return self.rotary
+
+    def _layer_state(self, state: _PortState, layer: int) -> _PortState:
+        """The state one layer's forward reads (shared by all layers here; Gemma 3 specialises it)."""
+        return state
+
+    @contextlib.contextmanager
+    def _attached(self, state: _PortState) -> Iterator[_PortState]:
+        if any("forward" in vars(attn) for attn in self.attentions):
+            raise KVMapError("a kvmap port is already attached to this model; nest nothing, use one block")
+        try:
+            for layer, attn in enumerate(self.attentions):
+                attn._kvmap_state = self._layer_state(state, layer)
+                attn.forward = types.MethodType(self._forward, attn)
+            yield state
+        finally:
+            for attn in self.attentions:
+                vars(attn).pop("forward", None)
+                vars(attn).pop("_kvmap_state", None)
+
+    def exporting(self, recorder: Recorder) -> contextlib.AbstractContextManager[_PortState]:
+        return self._attached(_PortState(recorder=recorder, rotary=self.rotary))
+
+    def importing(self, memory, config: ImportConfig | None = None,
+                  recorder: Recorder | None = None) -> contextlib.AbstractContextManager[ImportTrace]:
+        config = config or ImportConfig()
+        self.check_memory(memory)
+        state = _PortState(recorder=recorder, memory=memory, config=config, rotary=self.rotary)
+        like = next(self.model.parameters())
+        cos, sin = cos_sin(self.rotary, torch.tensor(config.distance), like)  # (d,)
+        state.query_cos_sin[like.dtype] = (cos, sin)
+        return _TraceContext(self._attached(state), state.trace)
+
+    def check_memory(self, memory) -> None:
+        """Refuse a memory exported by another model or with another K/V layout (one-line error)."""
+        if memory.model_id != self.model_id:
+            raise MemoryFormatError(
+                f"memory {memory.path} was made by model '{memory.model_id}', not '{self.model_id}'; "
+                f"use that model or a new --memory folder")
+        if memory.layout != self.layout:
+            raise MemoryFormatError(f"memory {memory.path} has layout {memory.layout}, the model has {self.layout}")
+
+
+class _TraceContext(contextlib.AbstractContextManager):
+    """Enter an attach context and hand out the import trace instead of the internal state."""
+
+    def __init__(self, inner: contextlib.AbstractContextManager, trace: ImportTrace):
+        self.inner, self.trace = inner, trace
+
+    def __enter__(self) -> ImportTrace:
+        self.inner.__enter__()
+        return self.trace
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)

@@ -1,0 +1,113 @@
+"""What any transformer exposes to kvmap: a `MemoryPort` that exports K/V and imports memories.
+
+A port is model-family specific (``kvmap.models.llama.LlamaMemoryPort``, later a timm ViT port);
+everything else (stores, reader, CLI, bridges) only talks to this interface.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of what a model exports: one key and one value vector per (layer, KV head, token)."""
+
+    n_layers: int
+    """Number of attention layers that export/import."""
+    n_kv_heads: int
+    """Key/value heads per layer (GQA: each serves ``n_heads // n_kv_heads`` query heads)."""
+    head_dim: int
+    """Dimension of one key (and one value) vector."""
+
+    def as_dict(self) -> dict:
+        return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim}
+
+
+@dataclass
+class MemoryEntry:
+    """One retrieved memory token with its provenance."""
+
+    source: str
+    """Name the text was remembered under (usually the file path)."""
+    doc_id: int
+    """Index of the document inside its source."""
+    offset: int
+    """Token offset inside the document."""
+    text: str
+    """The token's text."""
+    score: float = 0.0
+    """Retrieval score (inner product of the rotated query with the stored key), or a hit count."""
+
+
+@dataclass
+class ImportConfig:
+    """How memories are imported into attention. Defaults were chosen by measurement (see README)."""
+
+    top_k: int = 16
+    """Memory tokens retrieved per (layer, query head, query token)."""
+    distance: int = 4096
+    """Queries are rotated to this position; memories sit at position 0, so every memory looks
+    ``distance`` tokens behind the current token."""
+    layers: tuple[int, ...] | None = None
+    """Layers that import memories; ``None`` means all."""
+    placement: Literal["fixed", "true"] = "fixed"
+    """``fixed``: memories at position 0, queries at ``distance`` (the seed's memory map).
+    ``true``: memories at the token offset they were read at (only meaningful for parity tests)."""
+    search_chunk: int = 256
+    """Query vectors searched per call, bounding the (queries x memory) score matrix."""
+
+
+Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called as ``recorder(layer, keys, values)`` with pre-RoPE keys and values of the new tokens,
+each of shape (B, n_kv_heads, T, head_dim)."""
+
+
+class MemoryPort(ABC):
+    """A model's door to memory: export K/V while it reads, import memories while it answers.
+
+    Use as context managers that leave nothing behind::
+
+        with port.exporting(recorder):
+            model(input_ids)
+        with port.importing(memory, ImportConfig(top_k=16)):
+            model.generate(...)
+    """
+
+    layout: KVLayout
+    model_id: str
+
+    @abstractmethod
+    def exporting(self, recorder: Recorder) -> contextlib.AbstractContextManager[None]:
+        """Within the block, every forward pass hands each layer's new pre-RoPE K/V to ``recorder``."""
+
+    @abstractmethod
+    def importing(self, memory, config: ImportConfig | None = None) -> contextlib.AbstractContextManager["ImportTrace"]:
+        """Within the block, attention also attends to the top-k memories retrieved from ``memory``."""
+
+
+@dataclass
+class ImportTrace:
+    """What an import block retrieved: global memory ids with summed scores, for showing provenance."""
+
+    hits: dict[int, float] = field(default_factory=dict)
+    """Memory id -> number of times it was among the top-k (over layers, heads and tokens)."""
+
+    def record(self, ids: torch.Tensor) -> None:
+        flat = ids.reshape(-1)
+        flat = flat[flat >= 0]
+        uniq, counts = torch.unique(flat, return_counts=True)
+        for i, c in zip(uniq.tolist(), counts.tolist()):
+            self.hits[i] = self.hits.get(i, 0.0) + c
+
+    def top(self, n: int) -> list[tuple[int, float]]:
+        return sorted(self.hits.items(), key=lambda kv: -kv[1])[:n]
+
+
+@contextlib.contextmanager
+def nothing() -> Iterator[None]:
+    yield

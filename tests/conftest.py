@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random-weight Llama models (fast, offline) and a brute-force memory double."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from kvmap.ports import KVLayout
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16):
+    """A random-weight LlamaForCausalLM small enough for unit tests (float32, eager attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=heads * head_dim, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=512, attn_implementation="eager")
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+class BruteForceMemory:
+    """Test double with the Memory search/fetch contract: exact inner-product search over RAM tensors."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], model_id: str = "tiny"):
+        # keys[l], values[l]: (H, N, d) pre-RoPE
+        self.keys, self.values = keys, values
+        h, n, d = keys[0].shape
+        self.layout = KVLayout(len(keys), h, d)
+        self.model_id, self.path, self.n_tokens = model_id, "<ram>", n
+
+    def search(self, layer, queries, k):
+        scores = torch.einsum("hmd,hnd->hmn", queries, self.keys[layer])
+        k = min(k, self.n_tokens)
+        return scores.topk(k, dim=-1)
+
+    def fetch(self, layer, ids):
+        h = torch.arange(ids.shape[0]).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+        return self.keys[layer][h, ids], self.values[layer][h, ids]
+
+    def offsets(self, ids):
+        return ids.clone()
+
+
+@pytest.fixture
+def tiny_memory(tmp_path):
+    """A memory folder of 30 random tokens exported by a tiny Llama (model id 'tiny')."""
+    import numpy as np
+
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.reader import ReaderConfig, read_tokens
+    from kvmap.stores import Memory
+
+    port = LlamaMemoryPort(tiny_llama(), model_id="tiny")
+    memory = Memory.create(tmp_path / "memory", "tiny", port.layout)
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    with memory.writer("a.txt") as w:
+        for start, k, v in read_tokens(port, ids, ReaderConfig(chunk_size=8, context=8)):
+            n = k.shape[2]
+            w.append(k.numpy(), v.numpy(), np.asarray(ids[start:start + n]), np.zeros(n, int),
+                     np.arange(start, start + n), [f"t{i}" for i in ids[start:start + n]])
+    return tmp_path / "memory"

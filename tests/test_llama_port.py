@@ -1,0 +1,118 @@
+"""The Llama port: parity with full attention, RoPE round trips, and hook hygiene."""
+from __future__ import annotations
+
+import torch
+
+from kvmap.models.llama import LlamaMemoryPort
+from kvmap.ports import ImportConfig
+from kvmap.rope import cos_sin, rotate, unrotate
+from tests.conftest import BruteForceMemory, tiny_llama
+
+
+def _export(port, ids, **kw):
+    keys, values = {}, {}
+
+    def recorder(layer, k, v):
+        keys[layer], values[layer] = k[0], v[0]  # (H, T, d)
+
+    with port.exporting(recorder):
+        port.model(ids, **kw)
+    n = port.layout.n_layers
+    return [keys[i] for i in range(n)], [values[i] for i in range(n)]
+
+
+def test_import_at_true_positions_reproduces_full_attention():
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 40))
+    prefix = 25
+    with torch.no_grad():
+        full = model(ids).logits[0, prefix:]
+        keys, values = _export(port, ids[:, :prefix])
+        memory = BruteForceMemory(keys, values)
+        config = ImportConfig(top_k=prefix, placement="true")
+        with port.importing(memory, config):
+            pos = torch.arange(prefix, ids.shape[1])[None]
+            got = model(ids[:, prefix:], position_ids=pos, use_cache=False).logits[0]
+    assert (got - full).abs().max().item() <= 1e-4
+
+
+def test_unrotate_then_rotate_gives_the_models_own_keys():
+    model = tiny_llama()
+    port = LlamaMemoryPort(model)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        pre, _ = _export(port, ids)
+        out = model(ids, use_cache=True)
+        cos, sin = cos_sin(port.rotary, torch.arange(12), pre[0])
+        for layer in range(port.layout.n_layers):
+            rotated = out.cache.layers[layer].keys[0]  # the model's own cached (rotated) keys
+            assert torch.allclose(rotate(pre[layer], cos, sin), rotated, atol=1e-5)
+            assert torch.allclose(unrotate(rotated, cos, sin), pre[layer], atol=1e-5)
+
+
+def test_fixed_placement_scores_memories_at_distance():
+    """A memory key at position 0 scored by a query rotated to D equals RoPE attention at distance D."""
+    model = tiny_llama()
+    port = LlamaMemoryPort(model)
+    q, k = torch.randn(16), torch.randn(16)
+    d, p = 300, 17
+    c_d, s_d = cos_sin(port.rotary, torch.tensor(d), q)
+    c_p, s_p = cos_sin(port.rotary, torch.tensor(p), q)
+    c_pd, s_pd = cos_sin(port.rotary, torch.tensor(p - d), q)
+    fixed = rotate(q, c_d, s_d) @ k
+    relative = rotate(q, c_p, s_p) @ rotate(k, c_pd, s_pd)  # key really d tokens behind a query at p
+    assert torch.allclose(fixed, relative, atol=1e-4)
+
+
+def test_no_hooks_left_after_the_block():
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+        keys, values = _export(port, ids)
+        memory = BruteForceMemory(keys, values)
+        try:
+            with port.importing(memory, ImportConfig(top_k=4)):
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        after = model(ids).logits
+    for attn in port.attentions:
+        assert "forward" not in vars(attn) and "_kvmap_state" not in vars(attn)
+    hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules()]
+    assert not any(hooks)
+    assert torch.equal(before, after)
+
+
+def test_memory_changes_generation_and_trace_records_hits():
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        keys, values = _export(port, ids)
+        memory = BruteForceMemory(keys, values)
+        prompt = torch.randint(0, 128, (1, 5))
+        with port.importing(memory, ImportConfig(top_k=4, distance=64)) as trace:
+            out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == 10
+        assert trace.hits and all(0 <= i < 30 for i in trace.hits)
+        with port.importing(memory, ImportConfig(top_k=4)):
+            sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=10)
+        assert sampled.shape[1] == 10
+
+
+def test_chunked_reader_with_enough_context_equals_one_pass():
+    from kvmap.reader import ReaderConfig, read_tokens
+
+    model = tiny_llama()
+    port = LlamaMemoryPort(model)
+    ids = torch.randint(0, 128, (1, 43))
+    keys, values = _export(port, ids)
+    chunks = list(read_tokens(port, ids[0].tolist(), ReaderConfig(chunk_size=10, context=100, sinks=4)))
+    got_k = torch.cat([c[1] for c in chunks], dim=2)  # (L, H, T, d)
+    got_v = torch.cat([c[2] for c in chunks], dim=2)
+    assert [c[0] for c in chunks] == [0, 10, 20, 30, 40]
+    assert torch.allclose(got_k, torch.stack(keys), atol=1e-5)
+    assert torch.allclose(got_v, torch.stack(values), atol=1e-5)

