@@ -132,7 +132,8 @@ def cmd_eval_passkey(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         log = os.path.join(args.out, "predictions.jsonl")  # resumable: finished trials are skipped
     results = [run_passkey(lm, length, args.trials, methods, _import_config(args), ReaderConfig(),
-                           store=args.store, seed=args.seed, progress=not args.json, log_path=log)
+                           store=args.store, seed=args.seed, progress=not args.json, log_path=log,
+                           reuse_chunks=args.reuse_chunks)
                for length in args.length]
     if args.out:
         with open(os.path.join(args.out, "passkey.json"), "w") as f:
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--out", help="run folder: passkey.json (metrics) and predictions.jsonl (every trial; resumable)")
     pk.add_argument("--json", action="store_true")
+    pk.add_argument("--no-reuse-chunks", dest="reuse_chunks", action="store_false",
+                    help="read every haystack from scratch (by default chunks with an identical token prefix "
+                         "are computed once; the memories are the same)")
     import_options(pk)
     pk.set_defaults(func=cmd_eval_passkey)
 
@@ -232,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="fairy tales into memory, questions answered from it")
     d.add_argument("--memory", help="memory folder (default: $KVMAP_CACHE/demo-memory)")
-    d.add_argument("--tales", type=int, default=24, help="how many Grimm tales to remember (24)")
+    d.add_argument("--tales", type=int, default=28, help="how many Grimm tales to remember (28, about 63k tokens)")
     d.add_argument("--rebuild", action="store_true", help="read the tales again")
     d.set_defaults(func=cmd_demo)
     return p

@@ -16,14 +16,17 @@ from kvmap.models.loading import cache_dir, load_model
 from kvmap.ports import ImportConfig
 from kvmap.reader import read_into
 
-# (question, words that a correct answer contains: any of them, case-insensitive)
+# (question, words one of which a correct answer contains). Picked from 17 candidates as the ones
+# SmolLM2-135M answered correctly with the whole tale in its prompt (benchmarks/demo_oracle.json);
+# no expected word appears in its question.
 QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
-    ("In the tale of the Frog-King, what did the king's daughter drop into the well?", ("ball",)),
-    ("What did Rapunzel let down from the tower window?", ("hair",)),
-    ("What was the witch's house made of in Hansel and Grethel?", ("bread", "cake", "sugar")),
-    ("What did the fisherman catch in The Fisherman and His Wife?", ("flounder", "fish")),
-    ("Into what birds were the seven brothers changed in The Seven Ravens?", ("raven",)),
-    ("What did Little Red-Cap carry to her grandmother?", ("cake", "wine")),
+    ("Who brought the golden ball back up from the well?", ("frog",)),
+    ("What did the cat and the mouse buy for the winter?", ("fat",)),
+    ("What did the fisherman catch?", ("flounder",)),
+    ("How many did the tailor kill at one blow?", ("seven", "7")),
+    ("What was the bird's work every day, in the house it shared with a mouse and a sausage?", ("wood",)),
+    ("Into what birds were the seven brothers changed?", ("raven",)),
+    ("Which town were the donkey, dog, cat and cock going to?", ("bremen",)),
 ]
 
 
@@ -51,7 +54,7 @@ def build_memory(folder: Path, n_tales: int, rebuild: bool):
     return lm, port, memory
 
 
-def run_demo(memory_dir: str | None = None, n_tales: int = 24, rebuild: bool = False) -> int:
+def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = False) -> int:
     """Build (or reuse) the tale memory and answer the demo questions with and without it."""
     began = time.perf_counter()
     folder = Path(memory_dir) if memory_dir else cache_dir() / "demo-memory"

@@ -116,3 +116,19 @@ def test_chunked_reader_with_enough_context_equals_one_pass():
     assert [c[0] for c in chunks] == [0, 10, 20, 30, 40]
     assert torch.allclose(got_k, torch.stack(keys), atol=1e-5)
     assert torch.allclose(got_v, torch.stack(values), atol=1e-5)
+
+
+def test_chunk_cache_reuses_identical_prefixes_with_identical_results():
+    from kvmap.reader import ChunkCache, ReaderConfig, read_tokens
+
+    port = LlamaMemoryPort(tiny_llama())
+    config = ReaderConfig(chunk_size=8, context=8, sinks=2)
+    shared = torch.randint(0, 128, (20,)).tolist()
+    a, b = shared + [1, 2, 3, 4, 5, 6], shared + [9, 9, 9, 9, 9, 9]
+    cache = ChunkCache()
+    list(read_tokens(port, a, config, cache))
+    fresh = list(read_tokens(port, b, config))
+    reused = list(read_tokens(port, b, config, cache))
+    assert cache.reused_tokens == 16  # the two chunks fully inside the shared prefix
+    for (s1, k1, v1), (s2, k2, v2) in zip(fresh, reused):
+        assert s1 == s2 and torch.equal(k1, k2) and torch.equal(v1, v2)
