@@ -22,7 +22,7 @@ def _comma_ints(text: str) -> list[int]:
 def _import_config(args):
     from kvmap.ports import ImportConfig
 
-    return ImportConfig(top_k=args.top_k, distance=args.distance)
+    return ImportConfig(top_k=args.top_k, distance=args.distance, placement=args.placement)
 
 
 def _load(model: str | None):
@@ -118,14 +118,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval_passkey(args) -> int:
-    from kvmap.errors import InputError
-    from kvmap.eval.passkey import METHODS, run_passkey
+    from kvmap.eval.passkey import check_methods, run_passkey
     from kvmap.reader import ReaderConfig
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise InputError(f"unknown passkey method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    check_methods(methods)  # before the model loads
     lm = _load(args.model)
     log = None
     if args.out:
@@ -145,9 +142,9 @@ def cmd_eval_passkey(args) -> int:
         print(f"passkey, {r['length']} tokens, {r['trials']} trials, model {r['model']}")
         for method, m in r["methods"].items():
             if m["n"]:
-                print(f"  {method:9s} {m['accuracy']:6.1%}  ({m['correct']}/{m['n']}, 95% CI {m['ci95'][0]:.0%}-{m['ci95'][1]:.0%})")
+                print(f"  {method:11s} {m['accuracy']:6.1%}  ({m['correct']}/{m['n']}, 95% CI {m['ci95'][0]:.0%}-{m['ci95'][1]:.0%})")
             else:
-                print(f"  {method:9s} skipped: {m['skipped']}")
+                print(f"  {method:11s} skipped: {m['skipped']}")
         for key, value in r["speed"].items():
             print(f"  {key:24s} {value:8.1f}")
     return 0
@@ -179,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     def import_options(sp):
         sp.add_argument("--top-k", type=int, default=16, help="memories per layer, query head and token (16)")
         sp.add_argument("--distance", type=int, default=4096, help="how far behind the query memories sit (4096)")
+        sp.add_argument("--placement", default="ordered", choices=["ordered", "fixed"],
+                        help="ordered: a query's memories keep reading order behind it (default); "
+                             "fixed: all at position 0 (the seed's)")
 
     r = sub.add_parser("remember", help="read text files into a memory folder")
     r.add_argument("files", nargs="+", help="UTF-8 text files ('-' reads standard input)")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk = esub.add_parser("passkey", help="passkey retrieval (Landmark Attention template)")
     pk.add_argument("--length", type=_comma_ints, default=[16000], help="context length(s) in tokens, e.g. 16000,64k")
     pk.add_argument("--trials", type=int, default=20)
-    pk.add_argument("--methods", default="kvmap,truncate", help="comma list of kvmap,truncate,full,none")
+    pk.add_argument("--methods", default="kvmap,truncate", help="comma list of kvmap,kvmap-fixed,truncate,full,none")
     pk.add_argument("--model")
     pk.add_argument("--store", default="exact", choices=STORE_CHOICES)
     pk.add_argument("--seed", type=int, default=0)

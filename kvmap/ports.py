@@ -55,8 +55,10 @@ class ImportConfig:
     ``distance`` tokens behind the current token."""
     layers: tuple[int, ...] | None = None
     """Layers that import memories; ``None`` means all."""
-    placement: Literal["fixed", "true"] = "fixed"
-    """``fixed``: memories at position 0, queries at ``distance`` (the seed's memory map).
+    placement: Literal["fixed", "ordered", "true"] = "ordered"
+    """``fixed``: every memory at position 0, queries at ``distance`` (the seed's memory map).
+    ``ordered``: as fixed, but one query's k memories keep their reading order: the newest sits
+    ``distance`` behind the query, each older one a position further (contiguous, Landmark-style).
     ``true``: memories at the token offset they were read at (only meaningful for parity tests)."""
     search_chunk: int = 256
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""

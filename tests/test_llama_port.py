@@ -132,3 +132,36 @@ def test_chunk_cache_reuses_identical_prefixes_with_identical_results():
     assert cache.reused_tokens == 16  # the two chunks fully inside the shared prefix
     for (s1, k1, v1), (s2, k2, v2) in zip(fresh, reused):
         assert s1 == s2 and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_ordered_placement_keeps_reading_order_behind_the_query():
+    """With ordered placement, the newest of a query's memories sits at `distance`, older ones further."""
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        keys, values = _export(port, ids)
+        memory = BruteForceMemory(keys, values)
+        prompt = torch.randint(0, 128, (1, 4))
+        outs = {}
+        for placement in ("fixed", "ordered"):
+            with port.importing(memory, ImportConfig(top_k=12, placement=placement, distance=20)):
+                outs[placement] = model(prompt).logits
+    assert not torch.allclose(outs["fixed"], outs["ordered"])  # order now changes the scores
+    # reference: every memory (k = all 12) placed at distance 20 + (11 - id), computed by hand for layer 0
+    from kvmap.models.llama import _PortState, _attend_with_memory
+
+    attn = port.attentions[0]
+    q = torch.randn(1, 4, 1, 16)
+    local_k, local_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    state = _PortState(memory=memory, config=ImportConfig(top_k=12, placement="ordered", distance=20),
+                       rotary=port.rotary)
+    state.query_cos_sin[q.dtype] = cos_sin(port.rotary, torch.tensor(20), q)
+    got = _attend_with_memory(attn, state, q, q, local_k, local_v)  # q_rot = q: local part at position 0
+    mk = torch.stack([rotate(keys[0][:, j], *cos_sin(port.rotary, torch.tensor(j - 11), q)) for j in range(12)], 1)
+    qd = rotate(q[0, :, 0], *state.query_cos_sin[q.dtype])  # (4, d)
+    group = torch.arange(4) // 2
+    logits = torch.cat([torch.einsum("hd,hkd->hk", qd, mk[group]), (q[0, :, 0] * local_k[0, group, 0]).sum(-1, keepdim=True)], -1)
+    probs = torch.softmax(logits * attn.scaling, -1)
+    want = torch.einsum("hk,hkd->hd", probs[:, :12], values[0][group]) + probs[:, 12:] * local_v[0, group, 0]
+    assert torch.allclose(got[0, 0], want, atol=1e-5)

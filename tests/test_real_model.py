@@ -88,3 +88,17 @@ def test_remember_killed_midway_keeps_the_memory_answering_the_same(tmp_path):
     assert json.loads(after.stdout) == answer
     info = json.loads(run_cli("info", memory, "--json").stdout)
     assert [s["source"] for s in info["sources"]] == [str(small)]
+
+
+def test_any_local_checkpoint_folder_loads_by_path(lm, tmp_path):
+    from kvmap.models.loading import load_model
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "my-llama"
+    tiny_llama().save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    loaded = load_model(folder)
+    assert loaded.model_id.startswith("my-llama:")
+    assert loaded.port.layout.n_layers == 2
+    with pytest.raises(Exception, match="neither a built-in name"):
+        load_model(tmp_path / "nothing-here")

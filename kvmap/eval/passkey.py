@@ -59,7 +59,48 @@ def score(generated: str, passkey: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # Running the task: every method on the same examples, side by side.
 
-METHODS = ("kvmap", "truncate", "full", "none")
+METHODS = ("kvmap", "kvmap-fixed", "truncate", "full", "none")
+"""``kvmap``: memories imported with the given ImportConfig (default: ordered placement);
+``kvmap-fixed``: the same memory, every memory at position 0 (the seed's placement);
+``kvmap:KEY=VALUE[:KEY=VALUE...]``: the same memory with ImportConfig fields changed, e.g.
+``kvmap:distance=64:top_k=32`` (every kvmap variant of a trial shares one read)."""
+
+
+def check_methods(methods: list[str]) -> None:
+    """Raise InputError naming any method that is neither in METHODS nor a valid kvmap variant."""
+    from kvmap.errors import InputError
+    from kvmap.ports import ImportConfig
+
+    for method in methods:
+        if method in METHODS:
+            continue
+        if method.startswith("kvmap:"):
+            try:
+                kvmap_variant(method, ImportConfig())
+                continue
+            except (ValueError, TypeError) as err:
+                raise InputError(f"bad kvmap variant '{method}' ({err}); write e.g. kvmap:distance=64:top_k=32") from None
+        raise InputError(f"unknown passkey method '{method}'; choose from {', '.join(METHODS)} or kvmap:KEY=VALUE")
+    if not methods:
+        raise InputError(f"no method given; choose from {', '.join(METHODS)}")
+
+
+def kvmap_variant(method: str, config):
+    """The ImportConfig a kvmap method name asks for (see METHODS)."""
+    from dataclasses import fields, replace
+
+    if method == "kvmap":
+        return config
+    if method == "kvmap-fixed":
+        return replace(config, placement="fixed")
+    types = {f.name: f.type for f in fields(config)}
+    changes = {}
+    for option in method.split(":")[1:]:
+        key, _, value = option.partition("=")
+        if key not in types or key == "layers":
+            raise ValueError(f"no ImportConfig field '{key}'")
+        changes[key] = value if key == "placement" else int(value)
+    return replace(config, **changes)
 
 
 def _timed_plain_prefill(model, ids: list[int]) -> float:
@@ -99,11 +140,7 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
     from kvmap.stores import Memory
     from kvmap.timing import timed_greedy
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        from kvmap.errors import InputError
-
-        raise InputError(f"unknown passkey method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    check_methods(methods)
     config = config or ImportConfig()
     reader_config = reader_config or ReaderConfig()
     tok = lm.tokenizer
@@ -126,24 +163,27 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
             ex = make_example(tok, length, depth, seed=seed * 100003 + i)
             q_ids = tok("\n" + ex.question, add_special_tokens=False)["input_ids"]
             ctx_ids = tok(ex.context, add_special_tokens=False)["input_ids"]
+            memory = None
             row = {"trial": i, "seed": seed, "length": length, "depth": depth, "passkey": ex.passkey,
                    "context_tokens": len(ctx_ids), "methods": methods, "speed": {}}
             for method in methods:
-                if method == "kvmap":
-                    memory = Memory.create(root / f"m{i}", lm.model_id, port.layout, store=store)
-                    reused_before = chunk_cache.reused_tokens if chunk_cache else 0
-                    stats = read_into(port, tok, memory, "passkey", [ex.context], reader_config, progress=False,
-                                      chunk_cache=chunk_cache)
-                    reused = (chunk_cache.reused_tokens if chunk_cache else 0) - reused_before
+                if method.startswith("kvmap"):
+                    if memory is None:  # one read serves every kvmap variant
+                        memory = Memory.create(root / f"m{i}", lm.model_id, port.layout, store=store)
+                        reused_before = chunk_cache.reused_tokens if chunk_cache else 0
+                        stats = read_into(port, tok, memory, "passkey", [ex.context], reader_config,
+                                          progress=False, chunk_cache=chunk_cache)
+                        reused = (chunk_cache.reused_tokens if chunk_cache else 0) - reused_before
+                        row["reused_tokens"] = reused
+                        if reused == 0:  # a fresh read: its speed is the ingest speed
+                            row["speed"]["ingest_tok_s"] = stats.tokens_per_s
                     prompt = tok(ex.instruction, add_special_tokens=False)["input_ids"] + q_ids
-                    gen = timed_greedy(port, tok, prompt, max_new_tokens, memory, config)
-                    base = timed_greedy(port, tok, prompt, max_new_tokens)  # same prompt, no memory
-                    row["speed"].update(decode_ms_memory=gen.decode_ms_per_token,
-                                        decode_ms_no_memory=base.decode_ms_per_token)
-                    row["reused_tokens"] = reused
-                    if reused == 0:  # a fresh read: its speed is the ingest speed
-                        row["speed"]["ingest_tok_s"] = stats.tokens_per_s
-                    shutil.rmtree(root / f"m{i}")
+                    variant = kvmap_variant(method, config)
+                    gen = timed_greedy(port, tok, prompt, max_new_tokens, memory, variant)
+                    if method == "kvmap":
+                        base = timed_greedy(port, tok, prompt, max_new_tokens)  # same prompt, no memory
+                        row["speed"].update(decode_ms_memory=gen.decode_ms_per_token,
+                                            decode_ms_no_memory=base.decode_ms_per_token)
                 elif method == "truncate":
                     gen = timed_greedy(port, tok, (ctx_ids + q_ids)[-window:], max_new_tokens)
                     row["speed"]["truncate_prefill_tok_s"] = gen.prefill_tokens_per_s
@@ -156,6 +196,8 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
                     gen = timed_greedy(port, tok, tok(ex.instruction, add_special_tokens=False)["input_ids"] + q_ids,
                                        max_new_tokens)
                 row[method] = {"output": gen.text, "correct": score(gen.text, ex.passkey)}
+            if memory is not None:
+                shutil.rmtree(memory.path)
             rows.append(row)
             for k, v in row["speed"].items():
                 speed[k].append(v)
@@ -180,6 +222,7 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
     return {
         "task": "passkey", "model": lm.model_id, "length": length, "trials": trials, "seed": seed,
         "settings": {"top_k": config.top_k, "distance": config.distance, "layers": config.layers,
+                     "placement": config.placement,
                      "store": store, "chunk_size": reader_config.chunk_size, "context": reader_config.context,
                      "sinks": reader_config.sinks, "window": window, "reuse_chunks": reuse_chunks,
                      "reused_token_share": sum(r.get("reused_tokens", 0) for r in rows)

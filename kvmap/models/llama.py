@@ -78,22 +78,28 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
 
     # Memory part: each query head searches with its own query, rotated so that memories
     # (stored at position 0) sit `distance` tokens behind it.
-    if cfg.placement == "fixed":
+    if cfg.placement == "true":
+        qm = q_rot[0]
+    else:
         cos, sin = state.query_cos_sin[q.dtype]
         qm = rotate(q[0], cos, sin)  # (Hq, T, d)
-    else:
-        qm = q_rot[0]
     queries = qm.reshape(n_kv, r * t, d)  # (Hkv, r*T, d): a group's queries search that KV head's store
     _, ids = memory.search(layer, queries.float(), cfg.top_k)  # (Hkv, r*T, k)
     mem_k, mem_v = memory.fetch(layer, ids)  # (Hkv, r*T, k, d)
     mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
+    k = ids.shape[-1]
     if cfg.placement == "true":
         pos_cos, pos_sin = cos_sin(state.rotary, memory.offsets(ids), mem_k)
         mem_k = rotate(mem_k, pos_cos, pos_sin)
+    elif cfg.placement == "ordered":
+        # Keep reading order among one query's memories: the newest sits `distance` behind the query,
+        # each older one a position further (ids grow with reading order).
+        age = k - 1 - ids.argsort(dim=-1).argsort(dim=-1)  # (Hkv, r*T, k): 0 = newest
+        table_cos, table_sin = cos_sin(state.rotary, -torch.arange(k), mem_k)  # (k, d)
+        mem_k = rotate(mem_k, table_cos[age], table_sin[age])
     # Re-score exactly: approximate stores return approximate scores.
     mem_logits = torch.einsum("hmd,hmkd->hmk", queries, mem_k) * scale
     mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
-    k = ids.shape[-1]
     mem_logits = mem_logits.reshape(n_kv, r, t, k)  # (Hkv, r, T, k)
     state.trace.record(ids)
 
