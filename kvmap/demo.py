@@ -64,8 +64,8 @@ def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = F
     config = ImportConfig()
     hits_with = hits_without = 0
     for question, expected in QUESTIONS:
-        with_mem = ask(lm, question, memory, config, max_new_tokens=40, port=port)
-        without = ask(lm, question, None, max_new_tokens=40, port=port)
+        with_mem = ask(lm, question, memory, config, max_new_tokens=24, port=port)
+        without = ask(lm, question, None, max_new_tokens=24, port=port)
         ok_with = any(w in with_mem.text.lower() for w in expected)
         ok_without = any(w in without.text.lower() for w in expected)
         hits_with += ok_with

@@ -140,7 +140,7 @@ def test_local_layers_import_only_memories_inside_their_window(distance, importi
     with torch.no_grad():
         keys, values = _export(port, ids)
         memory = SpyMemory(keys, values)
-        with port.importing(memory, ImportConfig(top_k=4, distance=distance)) as trace:
+        with port.importing(memory, ImportConfig(top_k=4, distance=distance, placement="fixed")) as trace:
             out = model.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=4, do_sample=False)
     assert out.shape[1] == 9
     assert memory.searched == importing_layers

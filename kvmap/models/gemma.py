@@ -7,10 +7,10 @@ layer calling ``self_attn(..., position_ids=..., cache=...)``), and two things i
 - **Two RoPEs.** Local (``sliding_attention``) layers use ``rope_theta`` 10k, global
   (``full_attention``) layers 1M; ``model.model.rotary_emb(x, position_ids, layer_type)`` takes the
   layer type. Each layer here gets its own rotary (:class:`LayerRotary`), so the query rotation to
-  ``distance`` (fixed placement) and the memory rotation to its offset (true placement) use the
+  ``distance`` (fixed and ordered placement) and the memory rotation to its offset (true placement) use the
   frequencies the layer's local keys were rotated with.
 - **Sliding windows.** A local layer sees only the keys less than ``sliding_window`` tokens behind a
-  query. Memories obey the same rule: with fixed placement every memory sits ``distance`` tokens
+  query. Memories obey the same rule: with fixed placement every memory sits ``distance`` tokens (ordered: up to ``distance + top_k - 1``)
   behind, so a local layer imports nothing when ``distance >= sliding_window`` (Gemma 3 270M: window
   512, default distance 4096, so only its 3 global layers import); with true placement each memory is
   dropped from the top-k of a query it is too far behind (after the search, so a local layer may get
@@ -114,8 +114,10 @@ class Gemma3MemoryPort(LlamaMemoryPort):
         memory = state.memory
         window = self.attentions[layer].sliding_window
         if memory is not None and window is not None:
-            if state.config.placement == "fixed":
-                memory = memory if state.config.distance < window else None  # every memory is out of reach
+            if state.config.placement in ("fixed", "ordered"):
+                # fixed: every memory sits `distance` behind; ordered: up to distance + top_k - 1
+                reach = state.config.distance + (state.config.top_k - 1 if state.config.placement == "ordered" else 0)
+                memory = memory if reach < window else None  # out of the window: nothing to import
             else:
                 memory = _WindowedMemory(memory, window)
         return dataclasses.replace(state, rotary=rotary, query_cos_sin=query_cos_sin, memory=memory)
