@@ -104,3 +104,20 @@ def test_report_builds_results_from_run_files(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| 1000 | kvmap | 100% | 2/2 |" in text and "1.50×" in text
     assert (tmp_path / "results_passkey.png").stat().st_size > 1000
+
+
+def test_report_summarises_a_run_that_has_not_finished(tmp_path):
+    import json
+
+    run = tmp_path / "runs" / "pk"
+    run.mkdir(parents=True)
+    rows = [{"trial": i, "seed": 0, "length": 64000, "depth": i / 3, "passkey": 1, "context_tokens": 64000,
+             "methods": ["kvmap", "truncate"], "speed": {"decode_ms_memory": 300.0, "decode_ms_no_memory": 60.0},
+             "kvmap": {"output": "1", "correct": True}, "truncate": {"output": "2", "correct": i == 2}}
+            for i in range(3)]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"trial": 3, "cut')
+    proc = run_cli("report", str(tmp_path / "runs"), "-o", str(tmp_path / "RESULTS.md"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 64000 (partial, 3 trials so far) | kvmap | 100% | 3/3 |" in text
+    assert "| 64000 (partial, 3 trials so far) | truncate | 33% | 1/3 |" in text

@@ -207,15 +207,7 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    summary = {}
-    for method in methods:
-        done = [r[method] for r in rows if "correct" in r.get(method, {})]
-        correct = sum(r["correct"] for r in done)
-        if done:
-            lo, hi = wilson(correct, len(done))
-            summary[method] = {"accuracy": correct / len(done), "correct": correct, "n": len(done), "ci95": [lo, hi]}
-        else:
-            summary[method] = {"accuracy": None, "n": 0, "skipped": rows[0][method]["skipped"] if rows else "no trials"}
+    summary = summarize(rows, methods)
     if "kvmap" in methods and rows:
         sample = tok(make_example(tok, length, 0.5, seed).context, add_special_tokens=False)["input_ids"]
         speed["plain_prefill_tok_s"] = [_timed_plain_prefill(lm.model, sample[:reader_config.chunk_size * 2])]
@@ -231,6 +223,38 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
         "speed": {k: median(v) for k, v in speed.items() if v},
         "examples": sorted(rows, key=lambda r: r["trial"]),
     }
+
+
+def summarize(rows: list[dict], methods: list[str]) -> dict:
+    """Per-method accuracy with its 95% Wilson interval over trial rows (as logged)."""
+    from kvmap.eval.stats import wilson
+
+    summary = {}
+    for method in methods:
+        done = [r[method] for r in rows if "correct" in r.get(method, {})]
+        correct = sum(r["correct"] for r in done)
+        if done:
+            lo, hi = wilson(correct, len(done))
+            summary[method] = {"accuracy": correct / len(done), "correct": correct, "n": len(done), "ci95": [lo, hi]}
+        else:
+            summary[method] = {"accuracy": None, "n": 0, "skipped": rows[0][method]["skipped"] if rows else "no trials"}
+    return summary
+
+
+def summarize_log(log_path) -> list[dict]:
+    """Results of a run folder's predictions.jsonl (e.g. a run still going or stopped), per length."""
+    from kvmap.eval.stats import median
+
+    rows = [json.loads(line) for line in open(log_path, encoding="utf-8") if line.strip().endswith("}")]
+    out = []
+    for length in sorted({r["length"] for r in rows}):
+        mine = [r for r in rows if r["length"] == length]
+        methods = mine[0]["methods"]
+        speed_keys = sorted({k for r in mine for k in r.get("speed", {})})
+        out.append({"task": "passkey", "model": None, "length": length, "trials": len(mine), "partial": True,
+                    "settings": {}, "methods": summarize(mine, methods),
+                    "speed": {k: median([r["speed"][k] for r in mine if k in r["speed"]]) for k in speed_keys}})
+    return out
 
 
 def _load_log(log_path, length: int, seed: int, methods: list[str]) -> dict[int, dict]:
