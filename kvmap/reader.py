@@ -84,7 +84,8 @@ class ChunkCache:
 
     A chunk's K/V depend only on the tokens before and in it, so a document that repeats another's
     opening (benchmark haystacks built from the same filler) can reuse them: the results are the ones
-    a fresh read computes. Bounded by ``max_bytes``; ``reused_tokens`` counts what was not recomputed.
+    a fresh read computes. Bounded by ``max_bytes`` (oldest chunks evicted first); ``reused_tokens``
+    counts what was not recomputed.
     """
 
     def __init__(self, max_bytes: int = 4 << 30):
@@ -99,7 +100,10 @@ class ChunkCache:
 
     def put(self, key: bytes, keys: torch.Tensor, values: torch.Tensor) -> None:
         size = keys.numel() * keys.element_size() * 2
-        if self.bytes + size <= self.max_bytes:
+        while self._chunks and self.bytes + size > self.max_bytes:  # evict the oldest first
+            old_keys, _ = self._chunks.pop(next(iter(self._chunks)))
+            self.bytes -= old_keys.numel() * old_keys.element_size() * 2
+        if size <= self.max_bytes:
             self._chunks[key] = (keys, values)
             self.bytes += size
 

@@ -165,3 +165,14 @@ def test_ordered_placement_keeps_reading_order_behind_the_query():
     probs = torch.softmax(logits * attn.scaling, -1)
     want = torch.einsum("hk,hkd->hd", probs[:, :12], values[0][group]) + probs[:, 12:] * local_v[0, group, 0]
     assert torch.allclose(got[0, 0], want, atol=1e-5)
+
+
+def test_chunk_cache_evicts_the_oldest_chunks_first():
+    from kvmap.reader import ChunkCache
+
+    chunk = torch.zeros(1, 1, 4, 2)  # 8 floats: 64 bytes for keys + values
+    cache = ChunkCache(max_bytes=128)
+    for name in (b"a", b"b", b"c"):
+        cache.put(name, chunk, chunk)
+    assert cache.get(b"a") is None and cache.get(b"b") is not None and cache.get(b"c") is not None
+    assert cache.bytes == 128
