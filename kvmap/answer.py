@@ -78,12 +78,93 @@ def describe_trace(memory, trace: ImportTrace, n: int = 8) -> tuple[list[MemoryE
     return entries, shares
 
 
-def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None = None,
-        max_new_tokens: int = 64, n_memories: int = 8, port: MemoryPort | None = None) -> Answer:
-    """Answer ``question`` with the model, importing memories from ``memory`` (``None``: no memory)."""
+_SLOT = "\u2063MEMORY\u2063"
+
+
+def context_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Chat prompt ids before and after a ``<context>`` slot that spliced memories fill."""
+    user = f"<context>\n{_SLOT}\n</context>\n\nQuestion: {question}"
+    messages = [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = user + "\nAnswer:"
+    before, _, after = text.partition(_SLOT)
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(before), enc(after)
+
+
+@torch.no_grad()
+def continue_greedy(model, tokenizer, ids: list[int], cache, max_new_tokens: int, chunk: int = 2048):
+    """Feed ``ids`` after ``cache`` (in chunks) and decode greedily until EOS.
+
+    Returns (text, decode seconds, decode steps).
+    """
     import time
 
+    from transformers import DynamicCache
+
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    for start in range(0, len(ids), chunk):
+        logits = model(torch.tensor(ids[start:start + chunk])[None], cache=cache, use_cache=True).logits[0, -1]
+    eos = tokenizer.eos_token_id
+    new = [int(logits.argmax())]
     began = time.perf_counter()
+    while new[-1] != eos and len(new) < max_new_tokens:
+        out = model(torch.tensor([[new[-1]]]), cache=cache, use_cache=True)
+        new.append(int(out.logits[0, -1].argmax()))
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), time.perf_counter() - began, len(new) - 1
+
+
+def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", config: ImportConfig | None = None,
+                max_new_tokens: int = 64, port: MemoryPort | None = None) -> tuple[str, torch.Tensor]:
+    """Answer with the memory blocks chosen for the question spliced into the prompt (see kvmap.splice).
+
+    ``choice``: ``bm25`` (block text) or ``attention`` (the question's queries). Returns the answer
+    text and the memory ids that were spliced in.
+    """
+    from kvmap.splice import bm25_blocks, choose_blocks, spliced_cache
+
+    port = port or lm.port
+    tok = lm.tokenizer
+    config = config or ImportConfig(block_size=64)
+    if choice == "bm25":
+        ids = bm25_blocks(memory, question, config.block_size or 64, config.n_blocks)
+    else:
+        question_tokens = len(tok(question, add_special_tokens=False)["input_ids"])
+        ids = choose_blocks(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)
+    before, after = context_prompt(tok, question)
+    cache, _ = spliced_cache(port, memory, before, ids)
+    text, _, _ = continue_greedy(lm.model, tok, after, cache, max_new_tokens)
+    return text, ids
+
+
+ASK_MODES = ("splice", "splice-attention", "import")
+
+
+def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None = None,
+        max_new_tokens: int = 64, n_memories: int = 8, port: MemoryPort | None = None,
+        mode: str = "splice") -> Answer:
+    """Answer ``question`` with the model and ``memory`` (``None``: no memory).
+
+    ``mode``: ``splice`` (default) splices the memory blocks BM25 picks for the question into the
+    prompt; ``splice-attention`` lets the question's queries pick them (:mod:`kvmap.splice`);
+    ``import`` adds every query's top-k memory tokens to attention (the seed's token-level import,
+    configured by ``config``).
+    """
+    import time
+
+    if mode not in ASK_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ASK_MODES)}")
+    began = time.perf_counter()
+    if memory is not None and mode.startswith("splice"):
+        choice = "attention" if mode == "splice-attention" else "bm25"
+        text, ids = ask_spliced(lm, question, memory, choice, None, max_new_tokens, port)
+        answer = Answer(text=text, seconds=time.perf_counter() - began)
+        trace = ImportTrace()
+        trace.record(ids)
+        answer.memories, answer.source_shares = describe_trace(memory, trace, n_memories)
+        return answer
     text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), memory, config, max_new_tokens, port=port)
     answer = Answer(text=text, new_tokens=n_new, seconds=time.perf_counter() - began)
     if memory is not None:

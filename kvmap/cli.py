@@ -75,7 +75,7 @@ def cmd_ask(args) -> int:
     memory = Memory.open(args.memory)
     lm = _load(_model_for_memory(memory, args.model))
     answer = ask(lm, args.question, None if args.no_memory else memory, _import_config(args),
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, mode=args.mode)
     if args.json:
         print(json.dumps({"answer": answer.text,
                           "memories": [{"source": m.source, "text": m.text, "score": m.score} for m in answer.memories],
@@ -150,6 +150,43 @@ def cmd_eval_passkey(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Any task through the generic runner: run folder with config.yaml, predictions.jsonl, metrics.json."""
+    from kvmap.eval.methods import check_methods
+    from kvmap.eval.runner import run_eval
+
+    methods = [m for m in args.methods.split(",") if m]
+    check_methods(methods)  # before the model loads
+    task = "passkey" if args.task == "passkey-grid" else args.task
+    options = {"passkey": {}, "niah": {"variant": getattr(args, "variant", None)},
+               "fairytaleqa": {"data": getattr(args, "data", None), "split": getattr(args, "split", None),
+                               "per_story": getattr(args, "per_story", None)},
+               "babi": {"qa": getattr(args, "qa", None)}}[task]
+    options = {k: v for k, v in options.items() if v is not None}
+    if task == "fairytaleqa":  # a bad --data file fails here, before the model loads
+        from kvmap.data import fairytaleqa
+
+        fairytaleqa(options.get("split", "val"), path=options.get("data"))
+    lm = _load(args.model)
+    metrics = run_eval(lm, task, methods, args.lengths, args.limit, args.out, seed=args.seed,
+                       task_options=options, store=args.store, max_new_tokens=args.max_new_tokens,
+                       progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"{task}, model {metrics['model']}, run folder {args.out}")
+    for length, cells in metrics["metrics"].items():
+        print(f"  {length} tokens")
+        for method, c in cells.items():
+            if c["n"]:
+                extra = f", contains {c['contains']:.0%}" if "contains" in c else ""
+                print(f"    {method:24s} score {c['score']:6.1%}  (n={c['n']}, 95% CI {c['ci95'][0]:.0%}-{c['ci95'][1]:.0%}"
+                      f"{extra}, {c['latency_s_median']:.1f} s/question)")
+            else:
+                print(f"    {method:24s} skipped: {c['skipped']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -198,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--no-memory", action="store_true", help="answer without importing memories (baseline)")
     a.add_argument("--json", action="store_true", help="print one JSON object {answer, memories}")
+    a.add_argument("--mode", default="splice", choices=["splice", "splice-attention", "import"],
+                   help="splice (default): the 8 memory blocks of 64 tokens BM25 ranks best for the question, their "
+                        "stored K/V spliced into the prompt; splice-attention: the question's queries pick the "
+                        "blocks; import: every query's top-k memory tokens join attention (the seed's method; "
+                        "--top-k/--distance/--placement apply)")
     import_options(a)
     a.set_defaults(func=cmd_ask)
 
@@ -228,6 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
                          "are computed once; the memories are the same)")
     import_options(pk)
     pk.set_defaults(func=cmd_eval_passkey)
+
+    def generic(name: str, help: str, lengths: str, methods: str = "oracle,none,truncate,rag-bm25,kvmap"):
+        from kvmap.eval.methods import METHODS
+
+        g = esub.add_parser(name, help=help)
+        g.add_argument("--methods", default=methods,
+                       help=f"comma list of {','.join(METHODS)}; options as NAME:KEY=VALUE, e.g. kvmap:distance=64")
+        g.add_argument("--lengths", type=_comma_ints, default=_comma_ints(lengths), help=f"context lengths in tokens (default {lengths})")
+        g.add_argument("--limit", type=int, default=50, help="examples per length")
+        g.add_argument("--out", required=True, help="run folder (config.yaml, predictions.jsonl, metrics.json); resumable")
+        g.add_argument("--model")
+        g.add_argument("--store", default="exact", choices=STORE_CHOICES)
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--max-new-tokens", type=int)
+        g.add_argument("--json", action="store_true")
+        g.set_defaults(func=cmd_eval)
+        return g
+
+    generic("niah", "RULER-style needles in a haystack of tales", "4k,16k").add_argument(
+        "--variant", choices=["single", "multikey", "multivalue", "multiquery"], default="single")
+    fq = generic("fairytaleqa", "FairytaleQA story + distractor tales, then a question", "0,4k,16k")
+    fq.add_argument("--data", help="a FairytaleQA-format jsonl file (default: the shipped val split)")
+    fq.add_argument("--split", choices=["val", "train"])
+    fq.add_argument("--per-story", type=int, help="questions per story (default 5)")
+    generic("babi", "bAbI facts spread through tales (BABILong style)", "4k,16k").add_argument(
+        "--qa", type=int, choices=[1, 2, 3], default=1)
+    generic("passkey-grid", "passkey through the generic runner (all baselines)", "16k")
 
     rp = sub.add_parser("report", help="build RESULTS.md from run files")
     rp.add_argument("runs", help="folder holding run folders (passkey.json, sweep.json)")

@@ -2,7 +2,9 @@
 
 The memory is built once (about 60k tokens, far beyond SmolLM2's 8k window) and reused. Each
 question is answered twice, with and without memory, and the tales the imported memories came
-from are shown. The questions were picked among those SmolLM2-135M answers correctly when the
+from are shown. "With memory" is ``kvmap ask``'s default mode: the memory blocks BM25 ranks best
+for the question have their stored K/V spliced into the prompt (``kvmap.splice``); the seed's
+token-level import answered none of these questions (README, "Results"). The questions were picked among those SmolLM2-135M answers correctly when the
 tale itself is in its prompt (see README, "Demo").
 """
 from __future__ import annotations

@@ -55,11 +55,29 @@ class ImportConfig:
     ``distance`` tokens behind the current token."""
     layers: tuple[int, ...] | None = None
     """Layers that import memories; ``None`` means all."""
-    placement: Literal["fixed", "ordered", "true"] = "ordered"
+    placement: Literal["fixed", "ordered", "true", "contiguous"] = "ordered"
     """``fixed``: every memory at position 0, queries at ``distance`` (the seed's memory map).
     ``ordered``: as fixed, but one query's k memories keep their reading order: the newest sits
     ``distance`` behind the query, each older one a position further (contiguous, Landmark-style).
-    ``true``: memories at the token offset they were read at (only meaningful for parity tests)."""
+    ``true``: memories at the token offset they were read at (only meaningful for parity tests).
+    ``contiguous`` (block retrieval only): the selected blocks, in reading order, fill the positions
+    just before the prompt's first token (Landmark-Attention style); queries keep their positions."""
+    block_size: int = 0
+    """0: token-level retrieval, top-k per query at every forward (the seed's method). > 0: InfLLM-style
+    blocks of this many consecutive memory tokens, represented by their mean key, chosen once per
+    (layer, KV head) by the first forward's queries (the question) and kept while the answer is
+    decoded; every query then attends to all tokens of the chosen blocks."""
+    n_blocks: int = 8
+    """Blocks chosen per (layer, KV head) in block retrieval."""
+    neighbours: int = 0
+    """Block retrieval: also import this many blocks either side of each chosen one (EM-LLM's
+    contiguity buffer); the total stays ``n_blocks * (1 + 2 * neighbours)`` blocks."""
+    select_last: int = 0
+    """Block retrieval: only the queries of the first forward's last ``select_last`` tokens choose
+    the blocks (e.g. the question's tokens, not the instruction's); 0 means all of them."""
+    fixed_blocks: tuple[int, ...] | None = None
+    """Block retrieval with the blocks chosen outside attention (e.g. by BM25 on the blocks' text):
+    these block indices, for every layer and KV head, instead of the attention-score choice."""
     search_chunk: int = 256
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""
 
@@ -98,6 +116,10 @@ class ImportTrace:
 
     hits: dict[int, float] = field(default_factory=dict)
     """Memory id -> number of times it was among the top-k (over layers, heads and tokens)."""
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Block retrieval: layer -> (Hkv, M) memory ids of the tokens chosen for that layer's KV heads."""
+    block_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Block retrieval: layer -> (Hkv, n_blocks) attention mass the choosing queries gave each block."""
 
     def record(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1)

@@ -57,3 +57,35 @@ def test_port_refuses_a_memory_from_another_model(tmp_path):
     memory = Memory.create(tmp_path / "m", "other-model", port.layout)
     with pytest.raises(MemoryFormatError, match="other-model"):
         port.importing(memory)
+
+
+def test_all_blocks_contiguous_reproduce_full_attention(tmp_path):
+    """Block retrieval choosing every block, placed contiguously before the prompt = full attention."""
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(2))
+    prefix = 44
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
+    read_into(port, IdTokenizer(), memory, "doc", [" ".join(map(str, ids[0, :prefix].tolist()))],
+              ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
+    config = ImportConfig(block_size=4, n_blocks=11, placement="contiguous")
+    with torch.no_grad():
+        full = model(ids).logits[0, prefix:]
+        with port.importing(memory, config) as trace:
+            got = model(ids[:, prefix:], use_cache=False).logits[0]  # prompt at positions 0..15
+    assert (got - full).abs().max().item() <= 1e-4
+    assert len(trace.hits) == prefix
+
+
+def test_blocks_are_chosen_once_and_kept_while_decoding(tmp_path):
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout)
+    read_into(port, IdTokenizer(), memory, "doc", [" ".join(str(i % 100) for i in range(200))],
+              ReaderConfig(chunk_size=32, sinks=4), progress=False)
+    config = ImportConfig(block_size=8, n_blocks=2, neighbours=1)
+    with torch.no_grad(), port.importing(memory, config) as trace:
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    # 2 blocks + 1 neighbour each side, at most 6 blocks x 8 tokens, counted once per layer and head
+    per_layer_head = sum(trace.hits.values()) / (port.layout.n_layers * port.layout.n_kv_heads)
+    assert per_layer_head <= 6 * 8

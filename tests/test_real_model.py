@@ -54,6 +54,9 @@ def test_generate_with_memory_greedy_and_sampling(lm, tmp_path):
     answer = ask(lm, "What fell into the well?", memory, max_new_tokens=12, port=port)
     assert answer.text and answer.memories
     assert set(answer.source_shares) == {"frog-king"}
+    for mode in ("splice-attention", "import"):
+        other = ask(lm, "What fell into the well?", memory, max_new_tokens=12, port=port, mode=mode)
+        assert other.text and set(other.source_shares) == {"frog-king"}
     text, trace, n = generate(lm, chat_prompt(lm.tokenizer, "Tell me a story."), memory, max_new_tokens=6,
                               do_sample=True, top_p=0.9, port=port)
     assert n == 6 and trace.hits

@@ -81,7 +81,8 @@ def build_report(runs: Path, out: Path) -> str:
 
     passkey = []
     folders = sorted({f.parent for name in ("passkey.json", "predictions.jsonl") for f in runs.rglob(name)})
-    for folder in folders:
+    grid_runs = sorted(f.parent for f in runs.rglob("config.yaml"))  # runs of the generic harness
+    for folder in [f for f in folders if f not in grid_runs]:
         # a finished run has passkey.json; a run still going (or stopped) is summarised from its trials
         final = folder / "passkey.json"
         passkey += json.loads(final.read_text()) if final.exists() else summarize_log(folder / "predictions.jsonl")
@@ -95,6 +96,13 @@ def build_report(runs: Path, out: Path) -> str:
         lines += [f"![passkey accuracy vs length]({plot.name})", ""]
     for sweep in sweeps:
         lines += sweep_table(sweep)
+    if grid_runs:
+        from kvmap.eval.report_grid import grid_sections
+
+        lines += grid_sections(grid_runs, out.parent)
+    discussion = runs / "DISCUSSION.md"
+    if discussion.exists():  # prose written by us, kept next to the runs it discusses
+        lines += ["", discussion.read_text().strip(), ""]
     text = "\n".join(lines)
     out.write_text(text)
     return text

@@ -17,3 +17,14 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def mean_ci(xs: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of ``xs`` (for scores that are not 0/1)."""
+    import random
+
+    if not xs:
+        return 0.0, 1.0
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]

@@ -34,6 +34,9 @@ class _PortState:
     rotary: nn.Module | None = None
     query_cos_sin: dict = field(default_factory=dict)
     """(dtype) -> cos, sin of shape (head_dim,) at position ``config.distance``."""
+    blocks: dict = field(default_factory=dict)
+    """Block retrieval: layer -> (keys, values), each (Hkv, M, d), the chosen blocks' tokens, already
+    rotated to their placement (chosen at the first forward, kept for the rest of the block)."""
 
     def imports(self, layer: int) -> bool:
         if self.memory is None or self.memory.n_tokens == 0:
@@ -76,6 +79,9 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     window = getattr(attn, "sliding_window", None)
     local = local.masked_fill(~_local_mask(t, s, window, q.device), float("-inf"))
 
+    if cfg.block_size > 0:
+        return _attend_with_blocks(attn, state, q, qg, local, v_all)
+
     # Memory part: each query head searches with its own query, rotated so that memories
     # (stored at position 0) sit `distance` tokens behind it.
     if cfg.placement == "true":
@@ -107,6 +113,76 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     out = torch.einsum("hrtk,hrtkd->hrtd", probs[..., :k], mem_v.reshape(n_kv, r, t, k, d))
     out = out + torch.einsum("hrts,hsd->hrtd", probs[..., k:], v_all[0])
     return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
+
+
+def _choose_blocks(state: _PortState, layer: int, q: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick blocks for ``layer`` from these queries and return their tokens' K/V, placed.
+
+    Each query (rotated to ``distance``) spreads a softmax over the blocks' mean keys; a block's
+    score is the mass all of a KV head's queries give it. The best blocks (plus ``neighbours``
+    either side) are imported in reading order. Returns keys, values of shape (Hkv, M, d).
+    """
+    cfg, memory = state.config, state.memory
+    n_kv = memory.layout.n_kv_heads
+    cos, sin = state.query_cos_sin[q.dtype]
+    if cfg.select_last > 0:
+        q = q[:, :, -cfg.select_last:]  # (1, Hq, T', d): only the last tokens' queries choose
+    queries = rotate(q[0], cos, sin).reshape(n_kv, -1, q.shape[-1]).float()  # (Hkv, r*T', d)
+    means = memory.block_means(layer, cfg.block_size)  # (Hkv, n_blocks, d)
+    n_blocks = means.shape[1]
+    mass = torch.softmax(torch.einsum("hmd,hbd->hmb", queries, means), dim=-1).sum(1)  # (Hkv, n_blocks)
+    state.trace.block_mass[layer] = mass
+    want = min(n_blocks, cfg.n_blocks * (1 + 2 * cfg.neighbours))
+    if memory.n_tokens % cfg.block_size and n_blocks > want:
+        mass[:, -1] = -1.0  # rank the short last block last, so every layer imports the same count
+    if cfg.fixed_blocks is not None:
+        want = min(want, len(cfg.fixed_blocks) * (1 + 2 * cfg.neighbours))
+    ids = []
+    for head in range(n_kv):
+        chosen: list[int] = []
+        ranking = list(cfg.fixed_blocks) if cfg.fixed_blocks is not None else mass[head].argsort(descending=True).tolist()
+        for b in ranking:
+            for nb in range(b - cfg.neighbours, b + cfg.neighbours + 1):
+                if 0 <= nb < n_blocks and nb not in chosen and len(chosen) < want:
+                    chosen.append(nb)
+            if len(chosen) >= want:
+                break
+        tokens = torch.cat([torch.arange(b * cfg.block_size, min((b + 1) * cfg.block_size, memory.n_tokens))
+                            for b in sorted(chosen)])
+        ids.append(tokens)
+    m = min(len(x) for x in ids)  # the last block may be short: keep every head the same length
+    ids = torch.stack([x[:m] for x in ids])  # (Hkv, M) reading order
+    state.trace.record(ids)
+    state.trace.blocks[layer] = ids
+    mem_k, mem_v = memory.fetch(layer, ids)  # (Hkv, M, d)
+    mem_k, mem_v = mem_k.to(like.dtype), mem_v.to(like.dtype)
+    if cfg.placement == "contiguous":
+        # Token j of M sits at position j - M: the blocks end right before the prompt's first token.
+        pos_cos, pos_sin = cos_sin(state.rotary, torch.arange(m) - m, mem_k)  # (M, d)
+        mem_k = rotate(mem_k, pos_cos, pos_sin)
+    return mem_k, mem_v
+
+
+def _attend_with_blocks(attn: nn.Module, state: _PortState, q: torch.Tensor, qg: torch.Tensor,
+                        local: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+    """Attention over [chosen blocks, local K/V]; blocks are chosen at the first forward and kept."""
+    cfg, layer = state.config, attn.layer_idx
+    n_kv, r, t, _ = local.shape
+    d = q.shape[-1]
+    if layer not in state.blocks:
+        state.blocks[layer] = _choose_blocks(state, layer, q, q)
+    mem_k, mem_v = state.blocks[layer]  # (Hkv, M, d)
+    if cfg.placement == "contiguous":
+        qm = qg  # queries at their own positions; blocks just before the prompt
+    else:  # fixed: blocks at position 0, queries `distance` ahead (the seed's map)
+        cos, sin = state.query_cos_sin[q.dtype]
+        qm = rotate(q[0], cos, sin).reshape(n_kv, r, t, d)
+    mem_logits = torch.einsum("hrtd,hmd->hrtm", qm, mem_k) * attn.scaling  # (Hkv, r, T, M)
+    m = mem_k.shape[1]
+    probs = torch.softmax(torch.cat([mem_logits, local], dim=-1).float(), dim=-1).to(q.dtype)
+    out = torch.einsum("hrtm,hmd->hrtd", probs[..., :m], mem_v)
+    out = out + torch.einsum("hrts,hsd->hrtd", probs[..., m:], v_all[0])
+    return out.reshape(n_kv * r, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
 
 
 def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,

@@ -223,6 +223,7 @@ class Memory:
         self.store_params: dict = dict(manifest["store"]["params"])
         self._exact: dict[int, KVIndex] = {}  # layer -> index over all segments (non-persistent kinds)
         self._offsets: np.ndarray | None = None
+        self._block_means: dict[tuple[int, int], torch.Tensor] = {}
         self._refresh_bases()
 
     # -- construction ------------------------------------------------------------------------
@@ -419,6 +420,7 @@ class Memory:
         """Drop everything that depends on the set of segments (global ids, the exact cache)."""
         self._exact.clear()
         self._offsets = None
+        self._block_means.clear()
         self._refresh_bases()
 
     def _refresh_bases(self) -> None:
@@ -520,6 +522,30 @@ class Memory:
             torch.from_numpy(keys).reshape(shape).to(ids.device),
             torch.from_numpy(values).reshape(shape).to(ids.device),
         )
+
+    def token_texts(self) -> list[str]:
+        """The text of every memory token, in id (reading) order."""
+        return [t for seg in self._segments for t in seg.texts()]
+
+    def block_means(self, layer: int, block_size: int) -> torch.Tensor:
+        """Mean key of each block of ``block_size`` consecutive memory ids (the last may be shorter).
+
+        Returns (H, n_blocks, d) float32, cached until the memory changes. These are the
+        representative keys block retrieval scores (InfLLM-style).
+        """
+        key = (layer, block_size)
+        if key not in self._block_means:
+            self._check_layer(layer)
+            keys = np.concatenate([seg.keys(layer) for seg in self._segments]).astype(np.float32)  # (N, H, d)
+            n, h, d = keys.shape
+            n_blocks = -(-n // block_size)
+            padded = np.zeros((n_blocks * block_size, h, d), np.float32)
+            padded[:n] = keys
+            counts = np.minimum(block_size, n - np.arange(n_blocks) * block_size).astype(np.float32)
+            sums = padded.reshape(n_blocks, block_size, h, d).sum(1)  # (n_blocks, H, d)
+            means = sums / counts[:, None, None]
+            self._block_means[key] = torch.from_numpy(means).permute(1, 0, 2).contiguous()  # (H, n_blocks, d)
+        return self._block_means[key]
 
     def offsets(self, ids: torch.Tensor) -> torch.Tensor:
         """Token offset (int64) of each memory id, same shape; ``-1`` for id ``-1``."""

@@ -1,0 +1,355 @@
+"""The methods compared on every task: baselines and kvmap variants, all on the same examples.
+
+A method name is a base name with optional ``:KEY=VALUE`` options, e.g. ``kvmap:distance=64``,
+``kvmap-block:n_blocks=16:neighbours=1``, ``rag-bm25:budget=2048``, ``streaming:window=4096``.
+
+- ``oracle``: only the gold passage in the prompt (the ceiling); ``none``: the question alone;
+- ``full``: the whole context (skipped where it does not fit the window); ``truncate``: its last
+  window of tokens; ``streaming``: StreamingLLM — the context streamed through the model with a
+  rolling window (kvmap's reader: 4 sinks + 512 previous tokens per chunk), answered from the
+  prompt start (attention sinks) plus the last ``window`` tokens' K/V;
+- ``yarn``: full attention over the whole context, RoPE stretched by YaRN (transformers'
+  ``rope_type="yarn"``, factor = context / window), up to ``max_tokens`` (cost grows quadratically);
+- ``rag-bm25`` / ``rag-embed``: the best passages (BM25 / MiniLM embeddings) up to ``budget`` tokens;
+- ``kvmap*``: the context read into a memory; the prompt holds only the instruction and question.
+  ``kvmap`` (token-level, ordered placement), ``kvmap-fixed`` (the seed's placement),
+  ``kvmap-block`` (InfLLM-style 64-token blocks chosen by the question, contiguous before the
+  prompt), ``kvmap-block-fixed`` (the same blocks at position 0); options are ImportConfig fields.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from kvmap.answer import continue_greedy
+from kvmap.errors import InputError
+from kvmap.eval.scoring import contains_answer
+from kvmap.eval.tasks import Example
+from kvmap.ports import ImportConfig
+
+BASELINES = ("oracle", "none", "full", "truncate", "streaming", "yarn", "rag-bm25", "rag-embed")
+KVMAP_PRESETS = {
+    "kvmap": {},
+    "kvmap-fixed": {"placement": "fixed"},
+    "kvmap-block": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
+    "kvmap-block-fixed": {"block_size": 64, "n_blocks": 8, "placement": "fixed"},
+    "kvmap-bm25": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
+    "kvmap-splice": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
+    "kvmap-splice-layerwise": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
+    "kvmap-splice-bm25": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
+}
+"""``kvmap-bm25``: the same block import, blocks chosen by BM25 between the question and each block's
+text instead of by attention scores: it separates "does retrieval find the passage" from "does
+imported K/V carry it". ``kvmap-splice`` / ``kvmap-splice-bm25``: the chosen blocks' stored K/V are
+spliced into the prompt where a text baseline puts its context (after the instruction, inside
+``<context>``), at the positions the text would have, instead of before the prompt's first token;
+the question is then read after them, like cached-document reuse. ``kvmap-splice``: one forward of
+the prompt without context scores the blocks (softmax mass of the question tokens' queries only,
+see :mod:`kvmap.splice`), summed over every layer and head, so all layers get the same blocks, as text
+would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own choice (all the
+prompt's queries)."""
+METHODS = BASELINES + tuple(KVMAP_PRESETS)
+_BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
+                     "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
+
+
+def parse_method(name: str) -> tuple[str, dict]:
+    """``"kvmap-block:n_blocks=16"`` -> ``("kvmap-block", {"n_blocks": 16})``; InputError if unknown."""
+    base, *opts = name.split(":")
+    if base not in METHODS:
+        raise InputError(f"unknown method '{base}'; choose from {', '.join(METHODS)} (options as NAME:KEY=VALUE)")
+    allowed = {f.name for f in fields(ImportConfig)} - {"layers"} if base in KVMAP_PRESETS else \
+        set(_BASELINE_OPTIONS.get(base, {}))
+    options: dict = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq or key not in allowed | ({"layers"} if base in KVMAP_PRESETS else set()):
+            raise InputError(f"method '{name}': unknown option '{opt}'; "
+                             f"options of {base}: {', '.join(sorted(allowed)) or 'none'}")
+        if key == "layers":  # e.g. layers=0-14 or layers=3+7+9
+            a, dash, b = value.partition("-")
+            options[key] = tuple(range(int(a), int(b) + 1)) if dash else tuple(int(x) for x in value.split("+"))
+        else:
+            options[key] = value if key == "placement" else int(value)
+    return base, options
+
+
+def import_config(name: str, default: ImportConfig | None = None) -> ImportConfig:
+    """The ImportConfig a kvmap method name stands for."""
+    base, options = parse_method(name)
+    return replace(default or ImportConfig(), **{**KVMAP_PRESETS[base], **options})
+
+
+def check_methods(names: list[str]) -> None:
+    if not names:
+        raise InputError(f"no method given; choose from {', '.join(METHODS)}")
+    for name in names:
+        parse_method(name)
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts and greedy decoding.
+
+_MARK = "\u2063CONTEXT\u2063"
+
+
+def prompt_parts(tokenizer, ex: Example, with_context: bool) -> tuple[list[int], list[int]]:
+    """Token ids before and after the context (the context itself goes between them)."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if ex.style == "completion":
+        if with_context:
+            return [], enc("\n" + ex.question)
+        return enc(ex.instruction) + enc("\n" + ex.question), []
+    user = f"{ex.instruction}\n\n<context>\n{_MARK}\n</context>\n\nQuestion: {ex.question}" if with_context \
+        else f"{ex.instruction}\n\nQuestion: {ex.question}"
+    messages = [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        rendered = user + "\nAnswer:"
+    before, _, after = rendered.partition(_MARK)
+    return (enc(before), enc(after)) if with_context else (enc(before), [])
+
+
+@dataclass
+class Answer:
+    text: str
+    seconds: float
+    """Wall time to answer this question alone (shared context prefill included)."""
+    prefill_tokens: int
+    decode_ms_per_token: float
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def prefill(model, ids: list[int], cache=None, chunk: int = 2048):
+    """Run ``ids`` through the model in chunks (bounded attention memory); returns (cache, last logits)."""
+    from transformers import DynamicCache
+
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    logits = None
+    for start in range(0, len(ids), chunk):
+        out = model(torch.tensor(ids[start:start + chunk])[None], cache=cache, use_cache=True)
+        logits = out.logits[0, -1]
+    return cache, logits
+
+
+# ------------------------------------------------------------------------------------------
+# Running one method on a group of examples that share a context.
+
+
+class GroupRunner:
+    """Answers a group's questions with any method; builds shared state (memory, caches) once."""
+
+    def __init__(self, lm, examples: list[Example], workdir, reader_config=None, chunk_cache=None,
+                 store: str = "exact", max_new_tokens: int = 32):
+        self.lm, self.examples = lm, examples
+        self.tok, self.model, self.port = lm.tokenizer, lm.model, lm.port
+        self.workdir, self.reader_config, self.chunk_cache = workdir, reader_config, chunk_cache
+        self.store, self.max_new_tokens = store, max_new_tokens
+        self.window = self.model.config.max_position_embeddings
+        self._memory = None
+        self.ingest: dict = {}
+        self.context_ids = self.tok(examples[0].context, add_special_tokens=False)["input_ids"]
+
+    # -- shared state -------------------------------------------------------------------------
+
+    def memory(self):
+        """The group's context read into a fresh memory (once); ingest speed kept in ``self.ingest``."""
+        if self._memory is None:
+            from kvmap.reader import read_into
+            from kvmap.stores import Memory
+
+            memory = Memory.create(self.workdir / "memory", self.lm.model_id, self.port.layout, store=self.store)
+            reused = self.chunk_cache.reused_tokens if self.chunk_cache else 0
+            stats = read_into(self.port, self.tok, memory, "context", self.examples[0].docs(), self.reader_config,
+                              progress=False, chunk_cache=self.chunk_cache)
+            reused = (self.chunk_cache.reused_tokens if self.chunk_cache else 0) - reused
+            self.ingest = {"tokens": stats.n_tokens, "seconds": stats.seconds, "reused_tokens": reused}
+            if reused == 0:  # only fresh reads measure ingest speed
+                self.ingest["ingest_tok_s"] = stats.tokens_per_s
+            self._memory = memory
+        return self._memory
+
+    def close(self) -> None:
+        import shutil
+
+        if self._memory is not None:
+            shutil.rmtree(self._memory.path, ignore_errors=True)
+            self._memory = None
+
+    # -- methods ------------------------------------------------------------------------------
+
+    def answer(self, method: str) -> list[Answer | str]:
+        """One Answer per example (or a string saying why the method was skipped)."""
+        base, options = parse_method(method)
+        if base.startswith("kvmap-splice"):
+            return self._splice(import_config(method), choice=base.rpartition("-")[2])
+        if base in KVMAP_PRESETS:
+            return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25")
+        opts = {**_BASELINE_OPTIONS.get(base, {}), **options}
+        if base == "none":
+            return [self._plain(ex, None) for ex in self.examples]
+        if base == "oracle":
+            return [self._plain(ex, ex.gold) for ex in self.examples]
+        if base.startswith("rag-"):
+            return self._rag(base[4:], opts["budget"])
+        if base == "full":
+            return self._shared_context(self.context_ids, fits_window=True)
+        if base == "truncate":
+            return self._shared_context(self._budget_tail(), fits_window=True)
+        if base == "yarn":
+            return self._yarn(opts["max_tokens"])
+        if base == "streaming":
+            return self._streaming(opts["window"])
+        raise AssertionError(base)
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _generate(self, ids: list[int], cache=None, shared_s: float = 0.0, **extra) -> Answer:
+        began = time.perf_counter()
+        text, decode_s, steps = continue_greedy(self.model, self.tok, ids, cache, self.max_new_tokens)
+        seconds = time.perf_counter() - began + shared_s
+        return Answer(text, seconds, len(ids), 1000 * decode_s / max(1, steps), extra)
+
+    def _plain(self, ex: Example, context: str | None) -> Answer:
+        before, after = prompt_parts(self.tok, ex, context is not None)
+        return self._generate(before + (self._enc(context) if context is not None else []) + after)
+
+    def _rag(self, retriever_name: str, budget: int) -> list[Answer]:
+        from kvmap.eval.rag import make_retriever, rag_context
+
+        retriever = make_retriever(retriever_name)
+        out = []
+        for ex in self.examples:
+            began = time.perf_counter()
+            passages = rag_context(ex.context, ex.question, retriever, self.tok, budget_tokens=budget)
+            ans = self._plain(ex, passages)
+            ans.extra["retrieved_answer"] = float(contains_answer(passages, ex.answers))
+            ans.seconds = time.perf_counter() - began  # retrieval included
+            out.append(ans)
+        return out
+
+    def _budget_tail(self) -> list[int]:
+        """The last context tokens that fit the window next to every question and the answer."""
+        parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
+        overhead = max(len(b) + len(a) for b, a in parts) + self.max_new_tokens
+        return self.context_ids[-(self.window - overhead):]
+
+    def _shared_context(self, context_ids: list[int], fits_window: bool) -> list[Answer | str]:
+        """Prefill [before, context] once, then answer each question from a copy of that cache."""
+        befores = {tuple(prompt_parts(self.tok, ex, True)[0]) for ex in self.examples}
+        assert len(befores) == 1, "examples of a group share the prompt start"
+        before = list(befores.pop())
+        total = len(before) + len(context_ids) + max(len(prompt_parts(self.tok, ex, True)[1]) for ex in self.examples)
+        if fits_window and total + self.max_new_tokens > self.window:
+            return [f"{total} prompt tokens exceed the {self.window}-token window"] * len(self.examples)
+        began = time.perf_counter()
+        cache, _ = prefill(self.model, before + context_ids)
+        shared_s = time.perf_counter() - began
+        n = len(before) + len(context_ids)
+        out = []
+        for ex in self.examples:
+            extra = cache.get_seq_length() - n
+            if extra > 0:
+                cache.crop(-extra)  # drop the previous question and answer
+            out.append(self._generate(prompt_parts(self.tok, ex, True)[1], cache, shared_s,
+                                      context_prefill_tok_s=n / shared_s))
+        return out
+
+    def _yarn(self, max_tokens: int) -> list[Answer | str]:
+        import math
+
+        n = len(self.context_ids) + 200
+        if n > max_tokens:
+            return [f"{n} tokens: above yarn's max_tokens={max_tokens} (full attention cost grows quadratically; "
+                    f"raise with yarn:max_tokens=N)"] * len(self.examples)
+        factor = max(1.0, math.ceil(2 * n / self.window) / 2)
+        with yarn_rope(self.model, factor):
+            answers = self._shared_context(self.context_ids, fits_window=False)
+        for a in answers:
+            if isinstance(a, Answer):
+                a.extra["yarn_factor"] = factor
+        return answers
+
+    def _streaming(self, window: int) -> list[Answer]:
+        """Prompt start (attention sinks) + the last ``window`` context tokens as streamed by the reader."""
+        memory = self.memory()
+        tail = torch.arange(max(0, memory.n_tokens - window), memory.n_tokens)
+        return [self._spliced_answer(ex, tail, 0.0) for ex in self.examples]
+
+    def _spliced_answer(self, ex: Example, ids, chose_s: float) -> Answer:
+        """Answer with memory tokens' K/V placed where a text baseline's context goes (see kvmap.splice)."""
+        from kvmap.splice import spliced_cache
+
+        before, after = prompt_parts(self.tok, ex, True)
+        began = time.perf_counter()
+        cache, _ = spliced_cache(self.port, self.memory(), before, ids)
+        return self._generate(after, cache, time.perf_counter() - began + chose_s)
+
+    def _splice(self, config: ImportConfig, choice: str) -> list[Answer]:
+        """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice."""
+        from kvmap.splice import bm25_blocks, choose_blocks
+
+        memory = self.memory()
+        out = []
+        for ex in self.examples:
+            began = time.perf_counter()
+            before, _ = prompt_parts(self.tok, ex, False)
+            if choice == "bm25":
+                ids = bm25_blocks(memory, ex.question, config.block_size, config.n_blocks)
+            elif choice == "layerwise":
+                with torch.no_grad(), self.port.importing(memory, config) as trace:
+                    self.model(torch.tensor(before)[None], use_cache=False)
+                ids = dict(trace.blocks)
+            else:  # the question's tokens and the assistant turn's opening vote, summed over layers
+                ids = choose_blocks(self.port, memory, before, config, select_last=len(self._enc(ex.question)) + 6)
+            answer = self._spliced_answer(ex, ids, time.perf_counter() - began)
+            first = ids if isinstance(ids, torch.Tensor) else next(iter(ids.values()))[0]  # layer 0, head 0
+            texts = memory.token_texts()
+            answer.extra["retrieved_answer"] = float(contains_answer("".join(texts[i] for i in first.tolist()),
+                                                                     ex.answers))
+            out.append(answer)
+        return out
+
+    def _kvmap(self, config: ImportConfig, text_choice: bool = False) -> list[Answer]:
+        memory = self.memory()
+        out = []
+        for ex in self.examples:
+            before, _ = prompt_parts(self.tok, ex, False)
+            began = time.perf_counter()
+            if text_choice:
+                from kvmap.splice import bm25_blocks
+
+                ids = bm25_blocks(memory, ex.question, config.block_size, config.n_blocks)
+                config = replace(config, fixed_blocks=tuple(sorted({int(i) // config.block_size for i in ids})))
+            with self.port.importing(memory, config):
+                answer = self._generate(before)
+            answer.seconds = time.perf_counter() - began
+            out.append(answer)
+        return out
+
+
+@contextlib.contextmanager
+def yarn_rope(model, factor: float):
+    """Within the block, the model's RoPE is YaRN-scaled by ``factor`` (transformers' implementation)."""
+    base = model.model
+    old = base.rotary_emb
+    if factor <= 1.0:
+        yield
+        return
+    cfg = copy.deepcopy(base.config)
+    original = cfg.max_position_embeddings
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "yarn", "factor": float(factor),
+                           "original_max_position_embeddings": original}
+    cfg.max_position_embeddings = int(original * factor)
+    base.rotary_emb = type(old)(cfg).to(next(model.parameters()).dtype)
+    try:
+        yield
+    finally:
+        base.rotary_emb = old

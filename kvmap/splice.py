@@ -1,0 +1,99 @@
+"""Splice remembered blocks into a prompt: stored K/V placed where a text context would go.
+
+Token-level import (the seed's method) adds the top-k memories of every query to attention, at a
+fixed distance behind it. For questions about a story that loses: measured on FairytaleQA, the
+retrieved tokens come from everywhere and the answer takes on the tales' voice, not their facts.
+Splicing is the block-level alternative that worked best there:
+
+1. choose: BM25 between the question and each block's remembered text (:func:`bm25_blocks`, the
+   default: it found the answer's passage far more often), or attention (:func:`choose_blocks`):
+   one forward of the prompt (without context) scores blocks by the softmax mass the question
+   tokens' queries give each block's mean key, summed over every layer and KV head; either way
+   the same blocks go to every layer, as text would;
+2. splice: the prompt up to its context slot is prefilled, the chosen blocks' stored pre-RoPE K/V
+   are rotated to the next positions and appended to the cache, and the rest of the prompt (the
+   question) is read after them, like a cached document reused in a new prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from kvmap.ports import ImportConfig, MemoryPort
+
+
+def block_mass(port: MemoryPort, memory, prompt_ids: list[int], config: ImportConfig, select_last: int = 0) -> torch.Tensor:
+    """(n_blocks,) softmax mass the prompt's (last ``select_last``) queries give each memory block,
+    summed over every layer, KV head and query."""
+    cfg = replace(config, block_size=config.block_size or 64, select_last=select_last, fixed_blocks=None)
+    with torch.no_grad(), port.importing(memory, cfg) as trace:
+        port.model(torch.tensor(prompt_ids)[None], use_cache=False)
+    return torch.stack([m.sum(0) for m in trace.block_mass.values()]).sum(0)
+
+
+def choose_blocks(port: MemoryPort, memory, prompt_ids: list[int], config: ImportConfig,
+                  select_last: int = 0, contrast: tuple[list[int], int] | None = None) -> torch.Tensor:
+    """Memory ids (M,) of the ``config.n_blocks`` blocks the prompt's queries weight most, in reading order.
+
+    ``select_last``: only the last this many prompt tokens' queries vote (e.g. the question's).
+    ``contrast``: (prompt ids, select_last) of a neutral question; the mass it gives each block is
+    subtracted, so blocks every question attends to (sink-like, generic) stop winning.
+    """
+    block_size = config.block_size or 64
+    mass = block_mass(port, memory, prompt_ids, config, select_last)
+    if contrast is not None:
+        mass = mass - block_mass(port, memory, contrast[0], config, contrast[1])
+    n_blocks = mass.shape[0]
+    if memory.n_tokens % block_size and n_blocks > config.n_blocks:
+        mass[-1] = float("-inf")  # a short last block would make the count uneven between choices
+    chosen = sorted(mass.topk(min(config.n_blocks, n_blocks)).indices.tolist())
+    return block_tokens(chosen, block_size, memory.n_tokens)
+
+
+def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8) -> torch.Tensor:
+    """Memory ids (M,) of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order."""
+    from kvmap.eval.rag import BM25Retriever
+
+    texts = memory.token_texts()
+    blocks = ["".join(texts[i:i + block_size]) for i in range(0, len(texts), block_size)]
+    ranked = BM25Retriever().top(blocks, question, n_blocks)
+    if len(blocks) > n_blocks and len(texts) % block_size and len(blocks) - 1 in ranked:
+        # keep every choice the same length: swap a short last block for the next best one
+        ranked = [b for b in BM25Retriever().top(blocks, question, n_blocks + 1) if b != len(blocks) - 1][:n_blocks]
+    return block_tokens(sorted(ranked), block_size, memory.n_tokens)
+
+
+def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Tensor:
+    """Memory ids (M,) of the given blocks' tokens, blocks in the given order."""
+    return torch.cat([torch.arange(b * block_size, min((b + 1) * block_size, n_tokens)) for b in blocks])
+
+
+@torch.no_grad()
+def spliced_cache(port: MemoryPort, memory, before_ids: list[int], ids_per_layer: dict[int, torch.Tensor] | torch.Tensor):
+    """A DynamicCache holding ``before_ids`` then the memory tokens' K/V at the positions that follow.
+
+    ``ids_per_layer``: memory ids (M,) for every layer, or layer -> (Hkv, M) ids per KV head
+    (layers left out take the first entry's ids). Returns (cache, n_positions).
+    """
+    from transformers import DynamicCache
+
+    from kvmap.rope import cos_sin, rotate
+
+    model = port.model
+    cache = DynamicCache(config=model.config)
+    if before_ids:
+        model(torch.tensor(before_ids)[None], cache=cache, use_cache=True)
+    n_kv = port.layout.n_kv_heads
+    if isinstance(ids_per_layer, torch.Tensor):
+        ids_per_layer = {0: ids_per_layer[None].expand(n_kv, -1)}
+    m = min(ids.shape[1] for ids in ids_per_layer.values())  # a short last block can make layers differ
+    first = next(iter(ids_per_layer.values()))
+    like = next(model.parameters())
+    positions = torch.arange(len(before_ids), len(before_ids) + m)
+    for layer in range(port.layout.n_layers):
+        ids = ids_per_layer.get(layer, first)[:, :m]
+        keys, values = memory.fetch(layer, ids)  # (Hkv, M, d) pre-RoPE
+        cos, sin = cos_sin(port.layer_rotary(layer), positions, keys)
+        cache.update(rotate(keys, cos, sin)[None].to(like.dtype), values[None].to(like.dtype), layer)
+    return cache, len(before_ids) + m
