@@ -62,7 +62,7 @@ def parse_method(name: str) -> tuple[str, dict]:
     base, *opts = name.split(":")
     if base not in METHODS:
         raise InputError(f"unknown method '{base}'; choose from {', '.join(METHODS)} (options as NAME:KEY=VALUE)")
-    allowed = {f.name for f in fields(ImportConfig)} - {"layers"} if base in KVMAP_PRESETS else \
+    allowed = {f.name for f in fields(ImportConfig)} - {"layers", "fixed_blocks"} if base in KVMAP_PRESETS else \
         set(_BASELINE_OPTIONS.get(base, {}))
     options: dict = {}
     for opt in opts:
