@@ -79,11 +79,11 @@ def describe_trace(memory, trace: ImportTrace, n: int = 8) -> tuple[list[MemoryE
 
 
 _SLOT = "\u2063MEMORY\u2063"
+"""Marks where a context goes inside a user message; removed when the prompt is split there."""
 
 
-def context_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """Chat prompt ids before and after a ``<context>`` slot that spliced memories fill."""
-    user = f"<context>\n{_SLOT}\n</context>\n\nQuestion: {question}"
+def chat_parts(tokenizer, user: str) -> tuple[list[int], list[int]]:
+    """Token ids of a one-turn chat prompt, split where ``user`` holds ``_SLOT`` (after = [] without it)."""
     messages = [{"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -91,7 +91,13 @@ def context_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
         text = user + "\nAnswer:"
     before, _, after = text.partition(_SLOT)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(before), enc(after)
+    return enc(before), enc(after) if after else []
+
+
+def context_prompt(tokenizer, question: str, instruction: str = "") -> tuple[list[int], list[int]]:
+    """Chat prompt ids before and after a ``<context>`` slot (spliced memories or a text context fill it)."""
+    head = f"{instruction}\n\n" if instruction else ""
+    return chat_parts(tokenizer, f"{head}<context>\n{_SLOT}\n</context>\n\nQuestion: {question}")
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from kvmap.answer import continue_greedy
+from kvmap.answer import chat_parts, context_prompt, continue_greedy
 from kvmap.errors import InputError
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
@@ -94,9 +94,6 @@ def check_methods(names: list[str]) -> None:
 # ------------------------------------------------------------------------------------------
 # Prompts and greedy decoding.
 
-_MARK = "\u2063CONTEXT\u2063"
-
-
 def prompt_parts(tokenizer, ex: Example, with_context: bool) -> tuple[list[int], list[int]]:
     """Token ids before and after the context (the context itself goes between them)."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -104,15 +101,9 @@ def prompt_parts(tokenizer, ex: Example, with_context: bool) -> tuple[list[int],
         if with_context:
             return [], enc("\n" + ex.question)
         return enc(ex.instruction) + enc("\n" + ex.question), []
-    user = f"{ex.instruction}\n\n<context>\n{_MARK}\n</context>\n\nQuestion: {ex.question}" if with_context \
-        else f"{ex.instruction}\n\nQuestion: {ex.question}"
-    messages = [{"role": "user", "content": user}]
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        rendered = user + "\nAnswer:"
-    before, _, after = rendered.partition(_MARK)
-    return (enc(before), enc(after)) if with_context else (enc(before), [])
+    if with_context:
+        return context_prompt(tokenizer, ex.question, ex.instruction)
+    return chat_parts(tokenizer, f"{ex.instruction}\n\nQuestion: {ex.question}")
 
 
 @dataclass
