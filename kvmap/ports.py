@@ -6,6 +6,7 @@ everything else (stores, reader, CLI, bridges) only talks to this interface.
 from __future__ import annotations
 
 import contextlib
+import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
@@ -85,6 +86,29 @@ class ImportConfig:
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``recorder(layer, keys, values)`` with pre-RoPE keys and values of the new tokens,
 each of shape (B, n_kv_heads, T, head_dim)."""
+
+
+@contextlib.contextmanager
+def attached_forwards(modules, forward: Callable, state_of: Callable[[int], object]) -> Iterator[None]:
+    """Swap each attention module's ``forward`` for ``forward`` (bound to it), with its state.
+
+    Module ``i`` gets ``_kvmap_state = state_of(i)`` and ``_kvmap_layer = i``. Everything is
+    removed again in ``finally``, so an exception inside the block leaves the model as it was.
+    Refuses to attach twice (a second port on the same model would silently shadow the first).
+    """
+    from kvmap.errors import KVMapError
+
+    if any("forward" in vars(m) for m in modules):
+        raise KVMapError("a kvmap port is already attached to this model; nest nothing, use one block")
+    try:
+        for layer, module in enumerate(modules):
+            module._kvmap_state, module._kvmap_layer = state_of(layer), layer
+            module.forward = types.MethodType(forward, module)
+        yield
+    finally:
+        for module in modules:
+            for name in ("forward", "_kvmap_state", "_kvmap_layer"):
+                vars(module).pop(name, None)
 
 
 class MemoryPort(ABC):

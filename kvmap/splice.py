@@ -51,8 +51,11 @@ def choose_blocks(port: MemoryPort, memory, prompt_ids: list[int], config: Impor
     return block_tokens(chosen, block_size, memory.n_tokens)
 
 
-def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8) -> torch.Tensor:
-    """Memory ids (M,) of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order."""
+def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0) -> torch.Tensor:
+    """Memory ids (M,) of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
+
+    ``neighbours``: also take that many blocks either side of each chosen one (EM-LLM's contiguity
+    buffer), so a fact cut at a block edge comes with its sentence."""
     from kvmap.eval.rag import BM25Retriever
 
     texts = memory.token_texts()
@@ -61,7 +64,8 @@ def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8) 
     if len(blocks) > n_blocks and len(texts) % block_size and len(blocks) - 1 in ranked:
         # keep every choice the same length: swap a short last block for the next best one
         ranked = [b for b in BM25Retriever().top(blocks, question, n_blocks + 1) if b != len(blocks) - 1][:n_blocks]
-    return block_tokens(sorted(ranked), block_size, memory.n_tokens)
+    chosen = {n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < len(blocks)}
+    return block_tokens(sorted(chosen), block_size, memory.n_tokens)
 
 
 def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Tensor:

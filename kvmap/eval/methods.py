@@ -293,7 +293,7 @@ class GroupRunner:
             began = time.perf_counter()
             before, _ = prompt_parts(self.tok, ex, False)
             if choice == "bm25":
-                ids = bm25_blocks(memory, ex.question, config.block_size, config.n_blocks)
+                ids = bm25_blocks(memory, ex.question, config.block_size, config.n_blocks, config.neighbours)
             elif choice == "layerwise":
                 with torch.no_grad(), self.port.importing(memory, config) as trace:
                     self.model(torch.tensor(before)[None], use_cache=False)

@@ -11,7 +11,6 @@ Everything that depends on transformers' attention internals lives in this file.
 from __future__ import annotations
 
 import contextlib
-import types
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from kvmap.errors import KVMapError, MemoryFormatError
-from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, Recorder
+from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, Recorder, attached_forwards
 from kvmap.rope import cos_sin, rotate
 
 
@@ -257,17 +256,8 @@ class LlamaMemoryPort(MemoryPort):
 
     @contextlib.contextmanager
     def _attached(self, state: _PortState) -> Iterator[_PortState]:
-        if any("forward" in vars(attn) for attn in self.attentions):
-            raise KVMapError("a kvmap port is already attached to this model; nest nothing, use one block")
-        try:
-            for layer, attn in enumerate(self.attentions):
-                attn._kvmap_state = self._layer_state(state, layer)
-                attn.forward = types.MethodType(self._forward, attn)
+        with attached_forwards(self.attentions, self._forward, lambda layer: self._layer_state(state, layer)):
             yield state
-        finally:
-            for attn in self.attentions:
-                vars(attn).pop("forward", None)
-                vars(attn).pop("_kvmap_state", None)
 
     def exporting(self, recorder: Recorder) -> contextlib.AbstractContextManager[_PortState]:
         return self._attached(_PortState(recorder=recorder, rotary=self.rotary))

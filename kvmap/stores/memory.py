@@ -221,7 +221,7 @@ class Memory:
         self.dtype: str = manifest["dtype"]
         self.store_kind: str = manifest["store"]["kind"]
         self.store_params: dict = dict(manifest["store"]["params"])
-        self._exact: dict[int, KVIndex] = {}  # layer -> index over all segments (non-persistent kinds)
+        self._exact: dict[tuple, KVIndex] = {}  # (layer, segments) -> RAM index (non-persistent kinds)
         self._offsets: np.ndarray | None = None
         self._block_means: dict[tuple[int, int], torch.Tensor] = {}
         self._refresh_bases()
@@ -323,6 +323,11 @@ class Memory:
     @property
     def n_tokens(self) -> int:
         return int(self._manifest["n_tokens"])
+
+    @property
+    def n_segments(self) -> int:
+        """Segments in the manifest (one per remembered file or ingest chunk)."""
+        return len(self._segments)
 
     def sources(self) -> list[dict]:
         """One dict per source, in the order first remembered: source, n_tokens, n_docs."""
@@ -429,7 +434,8 @@ class Memory:
 
     # -- search ------------------------------------------------------------------------------
 
-    def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, layer: int, queries: torch.Tensor, k: int,
+               segments: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k memories by inner product for every query.
 
         Parameters
@@ -437,6 +443,8 @@ class Memory:
         layer : attention layer
         queries : (H, M, d) float32, H = ``layout.n_kv_heads``
         k : results per query
+        segments : search only these segments (positions in the manifest); ``None``: all. A
+            sharded store gives each shard its own segments (:mod:`kvmap.stores.sharded`).
 
         Returns
         -------
@@ -451,34 +459,49 @@ class Memory:
         q = queries.detach().to("cpu", torch.float32).contiguous()
         m = q.shape[1]
         k = int(k)
-        if k <= 0 or not self._segments:
+        chosen = tuple(range(len(self._segments))) if segments is None else tuple(int(s) for s in segments)
+        if any(not 0 <= s < len(self._segments) for s in chosen):
+            raise InputError(f"segments must be in 0..{len(self._segments) - 1}, got {list(chosen)}")
+        if k <= 0 or not chosen:
             k = max(k, 0)
             return (
                 torch.full((H, m, k), float("-inf"), device=device),
                 torch.full((H, m, k), -1, dtype=torch.int64, device=device),
             )
         if not STORE_KINDS[self.store_kind].persistent:
-            scores, ids = self._exact_index(layer).search(q, k)
-            return scores.to(device), ids.to(device)
+            scores, ids = self._exact_index(layer, chosen).search(q, k)
+            return scores.to(device), self._chosen_to_global(ids, chosen).to(device)
         all_s, all_i = [], []
-        for seg, base in zip(self._segments, self._bases):
-            s, i = seg.index(layer, self.store_kind, self.store_params).search(q, k)
-            all_s.append(s)
-            all_i.append(torch.where(i >= 0, i + int(base), i))  # local -> global ids
+        for s in chosen:
+            seg, base = self._segments[s], int(self._bases[s])
+            scores, ids = seg.index(layer, self.store_kind, self.store_params).search(q, k)
+            all_s.append(scores)
+            all_i.append(torch.where(ids >= 0, ids + base, ids))  # local -> global ids
         scores = torch.cat(all_s, dim=-1)  # (H, M, k * n_segments)
         ids = torch.cat(all_i, dim=-1)
-        if len(self._segments) > 1:
+        if len(chosen) > 1:
             scores, pick = scores.topk(k, dim=-1)
             ids = ids.gather(-1, pick)
         return scores.to(device), ids.to(device)
 
-    def _exact_index(self, layer: int) -> KVIndex:
-        """The RAM index over all segments' keys of ``layer``, built on first use."""
-        if layer not in self._exact:
+    def _exact_index(self, layer: int, chosen: tuple[int, ...]) -> KVIndex:
+        """The RAM index over the chosen segments' keys of ``layer``, built on first use."""
+        if (layer, chosen) not in self._exact:
             index = make_index(self.store_kind, **self.store_params)
-            index.build([seg.keys(layer) for seg in self._segments])
-            self._exact[layer] = index
-        return self._exact[layer]
+            index.build([self._segments[s].keys(layer) for s in chosen])
+            self._exact[(layer, chosen)] = index
+        return self._exact[(layer, chosen)]
+
+    def _chosen_to_global(self, ids: torch.Tensor, chosen: tuple[int, ...]) -> torch.Tensor:
+        """Ids into the concatenation of the chosen segments -> global memory ids (-1 stays)."""
+        if chosen == tuple(range(len(self._segments))):
+            return ids  # all segments in order: the concatenation is the global numbering
+        sizes = np.array([self._segments[s].n_tokens for s in chosen], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each chosen segment starts locally
+        local = ids.numpy()
+        pos = np.clip(np.searchsorted(starts, local, side="right") - 1, 0, len(chosen) - 1)
+        shift = self._bases[np.asarray(chosen)][pos] - starts[pos]
+        return torch.from_numpy(np.where(local >= 0, local + shift, -1))
 
     # -- reading memories back ---------------------------------------------------------------
 

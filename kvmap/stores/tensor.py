@@ -1,0 +1,105 @@
+"""An in-RAM memory of K/V tensors that stays differentiable: what bridges hand a target model.
+
+A :class:`~kvmap.stores.memory.Memory` folder is for text a model read and keeps; a
+``TensorMemory`` is for K/V computed on the fly (a source model's export mapped through an
+adapter), where gradients must flow from the target's loss back into the adapter. It speaks the
+same interface the ports read (``search``, ``fetch``, ``block_means``, ``offsets``), plus
+:meth:`kv` for ports that attend to every entry (the ViT port).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from kvmap.errors import InputError
+from kvmap.ports import KVLayout, MemoryPort
+
+
+class TensorMemory:
+    """Per-layer keys and values, each of shape (B, H, M, d), kept as given (gradients included).
+
+    Parameters
+    ----------
+    layout : the K/V layout of the model that will import these entries
+    model_id : identity a port checks on import (a bridge uses the target's id)
+    kv : layer -> (keys, values); layers missing from the dict import nothing
+    """
+
+    path = "<tensor memory>"
+
+    def __init__(self, layout: KVLayout, model_id: str, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.layout, self.model_id = layout, model_id
+        self._kv = {}
+        for layer, (k, v) in kv.items():
+            want = (layout.n_kv_heads, layout.head_dim)
+            if k.dim() != 4 or (k.shape[1], k.shape[3]) != want or k.shape != v.shape:
+                raise InputError(f"layer {layer}: keys/values must be (B, {want[0]}, M, {want[1]}), "
+                                 f"got {tuple(k.shape)} and {tuple(v.shape)}")
+            self._kv[layer] = (k, v)
+        sizes = {k.shape[2] for k, _ in self._kv.values()}
+        if len(sizes) > 1:
+            raise InputError(f"every layer must hold the same number of entries, got {sorted(sizes)}")
+        self.n_tokens = sizes.pop() if sizes else 0
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._kv)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys, values), each (B, H, M, d), or ``None`` where this layer imports nothing."""
+        return self._kv.get(layer)
+
+    def _first(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._kv:  # a port asks only for layers it imports; empty for the others
+            h, d = self.layout.n_kv_heads, self.layout.head_dim
+            empty = torch.zeros(h, 0, d)
+            return empty, empty
+        k, v = self._kv[layer]
+        if k.shape[0] != 1:
+            raise InputError("search/fetch read one sequence's memory; this TensorMemory holds a batch")
+        return k[0], v[0]  # (H, M, d)
+
+    def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k by inner product: queries (H, Q, d) -> scores, ids (H, Q, k'), k' = min(k, M)."""
+        keys, _ = self._first(layer)
+        scores = torch.einsum("hqd,hmd->hqm", queries.float(), keys.detach().float())
+        return scores.topk(min(k, keys.shape[1]), dim=-1)
+
+    def fetch(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (ids.shape + (d,)) of ids (H, ...); differentiable in the stored tensors."""
+        keys, values = self._first(layer)
+        h, d = keys.shape[0], keys.shape[-1]
+        flat = ids.reshape(h, -1, 1).expand(-1, -1, d)  # (H, P, d)
+        return (keys.gather(1, flat).reshape(*ids.shape, d), values.gather(1, flat).reshape(*ids.shape, d))
+
+    def block_means(self, layer: int, block_size: int) -> torch.Tensor:
+        keys, _ = self._first(layer)
+        chunks = keys.detach().float().split(block_size, dim=1)
+        return torch.stack([c.mean(1) for c in chunks], dim=1)  # (H, n_blocks, d)
+
+    def offsets(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.clone()
+
+    def token_texts(self) -> list[str]:
+        return [f"<entry {i}>" for i in range(self.n_tokens)]
+
+
+@contextlib.contextmanager
+def recording(port: MemoryPort, layers: list[int] | None = None) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Collect what ``port``'s model exports inside the block: layer -> (keys, values), (B, H, T, d).
+
+    Later forwards append along T. Gradients are kept, so a loss can reach a trainable source.
+    """
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if layers is not None and layer not in layers:
+            return
+        if layer in kv:
+            k, v = torch.cat([kv[layer][0], k], dim=2), torch.cat([kv[layer][1], v], dim=2)
+        kv[layer] = (k, v)
+
+    with port.exporting(record):
+        yield kv
