@@ -81,7 +81,8 @@ def build_report(runs: Path, out: Path) -> str:
 
     passkey = []
     folders = sorted({f.parent for name in ("passkey.json", "predictions.jsonl") for f in runs.rglob(name)})
-    grid_runs = sorted(f.parent for f in runs.rglob("config.yaml"))  # runs of the generic harness
+    grid_runs = sorted(f.parent for f in runs.rglob("config.yaml")  # runs of the generic harness
+                       if (f.parent / "predictions.jsonl").exists())
     for folder in [f for f in folders if f not in grid_runs]:
         # a finished run has passkey.json; a run still going (or stopped) is summarised from its trials
         final = folder / "passkey.json"
@@ -100,6 +101,15 @@ def build_report(runs: Path, out: Path) -> str:
         from kvmap.eval.report_grid import grid_sections
 
         lines += grid_sections(grid_runs, out.parent)
+    bridges = sorted(runs.rglob("bridges/*/metrics.json"))
+    if bridges:
+        from kvmap.eval.report_bridges import bridge_section
+
+        lines += bridge_section(bridges, out.parent)
+    if (runs / "scale").is_dir():
+        from kvmap.eval.report_scale import scale_section
+
+        lines += scale_section(runs / "scale", out.parent)
     discussion = runs / "DISCUSSION.md"
     if discussion.exists():  # prose written by us, kept next to the runs it discusses
         lines += ["", discussion.read_text().strip(), ""]
