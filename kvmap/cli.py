@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from kvmap.errors import KVMapError
+from kvmap.errors import InputError, KVMapError
 
 
 STORE_CHOICES = ["exact", "faiss-flat", "faiss-hnsw", "faiss-ivfpq", "lsh"]
@@ -249,8 +249,10 @@ def cmd_bridge_eval(args) -> int:
 
     out = Path(args.out or f"runs/bridges/{args.task}")
     adapter = Path(args.adapter) if args.adapter else out / "adapter.safetensors"
+    if not adapter.is_file():  # checked before loading models: a missing adapter must not score the untrained one
+        raise InputError(f"no adapter at {adapter}; run `kvmap bridge train --task {args.task}` or pass --adapter FILE")
     module, data = _bridge_parts(args)
-    _print_bridge(evaluate_bridge(module, data, adapter if adapter.exists() else None, out))
+    _print_bridge(evaluate_bridge(module, data, adapter, out))
     return 0
 
 

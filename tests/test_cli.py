@@ -121,3 +121,10 @@ def test_report_summarises_a_run_that_has_not_finished(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| 64000 (partial, 3 trials so far) | kvmap | 100% | 3/3 |" in text
     assert "| 64000 (partial, 3 trials so far) | truncate | 33% | 1/3 |" in text
+
+
+def test_bridge_eval_without_a_trained_adapter_is_a_one_line_error(tmp_path):
+    # it must not quietly score the untrained adapter as the trained one
+    proc = run_cli("bridge", "eval", "--task", "text-limb", "--out", str(tmp_path / "run"))
+    assert_one_line_error(proc, "no adapter at", "kvmap bridge train --task text-limb")
+    assert not (tmp_path / "run").exists()
