@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean-venv bench bench-full bench-bridges report
+.PHONY: demo test venv clean-venv bench bench-full bench-bridges bench-scale report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(MAKE) report
 
 # Cross-model memory (issue 4): train the limb policy, then each bridge's adapter, and score every
-# baseline on held-out examples; about 1 h 30 min on this CPU (see RESULTS.md for each task's minutes).
+# baseline on held-out examples; about 75 min on this CPU (see RESULTS.md for each task's minutes).
 LIMB_CKPT := $(HOME)/.cache/kvmap/limb/limb.ckpt
 $(LIMB_CKPT): | $(STAMP)
 	$(BIN)/kvmap limb train
@@ -59,6 +59,16 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 	$(BIN)/kvmap bridge train --task text-text --steps 200
 	$(BIN)/kvmap bridge train --task vision-text
 	$(BIN)/kvmap bridge train --task text-limb --steps 2000 --val-every 250
+	$(MAKE) report
+
+# Scale (issue 5, in progress): passkey with memory vs none at growing memory sizes (decode ms/token,
+# ingest tok/s, peak RSS, disk bytes/token), recall@k of store settings on real K/V, sharded-store
+# overhead. 1k-100k tokens; about 1 h on this CPU. 1M tokens does not fit the exact store's RAM yet.
+bench-scale: $(STAMP)
+	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
+	$(BIN)/kvmap eval passkey-grid --lengths 100k --limit 3 --methods none,kvmap --out runs/scale/passkey
+	$(BIN)/python benchmarks/recall_real_kv.py
+	$(BIN)/python benchmarks/sharded_latency.py
 	$(MAKE) report
 
 bench-full: $(STAMP)

@@ -160,7 +160,9 @@ class GroupRunner:
             stats = read_into(self.port, self.tok, memory, "context", self.examples[0].docs(), self.reader_config,
                               progress=False, chunk_cache=self.chunk_cache)
             reused = (self.chunk_cache.reused_tokens if self.chunk_cache else 0) - reused
-            self.ingest = {"tokens": stats.n_tokens, "seconds": stats.seconds, "reused_tokens": reused}
+            disk = sum(f.stat().st_size for f in memory.path.rglob("*") if f.is_file())
+            self.ingest = {"tokens": stats.n_tokens, "seconds": stats.seconds, "reused_tokens": reused,
+                           "disk_bytes_per_token": disk / max(1, stats.n_tokens)}
             if reused == 0:  # only fresh reads measure ingest speed
                 self.ingest["ingest_tok_s"] = stats.tokens_per_s
             self._memory = memory

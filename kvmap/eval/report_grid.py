@@ -104,14 +104,16 @@ def grid_sections(folders: list[Path], plot_dir: Path) -> list[str]:
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines += ["", "Cost (medians; this 2-core CPU; latency = one question alone, shared context prefill included; "
                   "ingest = reading the context into memory, not in latency):", "",
-                  "| length | method | s/question | decode ms/token | ingest tok/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+                  "| length | method | s/question | decode ms/token | ingest tok/s | peak RSS MB | disk bytes/token |",
+                  "|---|---|---|---|---|---|---|"]
         for x in lengths:
             for method in methods:
                 c = cells.get((x, method))
                 if c and c.get("n"):
                     ingest = f"{c['ingest_tok_s']:.0f}" if "ingest_tok_s" in c else ""
+                    disk = f"{c['disk_bytes_per_token']:.0f}" if "disk_bytes_per_token" in c else ""
                     lines.append(f"| {x} | {method} | {c['latency_s_median']:.1f} | {c['decode_ms_per_token']:.0f} | "
-                                 f"{ingest} | {c['peak_rss_mb']:.0f} |")
+                                 f"{ingest} | {c['peak_rss_mb']:.0f} | {disk} |")
         lines.append("")
         plots = _plots(task, t, lengths, methods, plot_dir)
         lines += [f"![{name}]({path.name})" for name, path in plots] + [""]

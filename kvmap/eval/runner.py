@@ -148,6 +148,9 @@ def summarize(rows: list[dict]) -> dict:
             ingest = [r["ingest"]["ingest_tok_s"] for r in ran if "ingest_tok_s" in r.get("ingest", {})]
             if ingest:
                 cell["ingest_tok_s"] = median(ingest)
+            disk = [r["ingest"]["disk_bytes_per_token"] for r in ran if "disk_bytes_per_token" in r.get("ingest", {})]
+            if disk:
+                cell["disk_bytes_per_token"] = median(disk)
             cell["peak_rss_mb"] = max(r["rss_mb"] for r in ran)
             retrieved = [r["retrieved_answer"] for r in ran if "retrieved_answer" in r]
             if retrieved:  # did the retrieved text / blocks hold a reference answer at all?
