@@ -59,6 +59,7 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 	$(BIN)/kvmap bridge train --task text-text --steps 200
 	$(BIN)/kvmap bridge train --task vision-text
 	$(BIN)/kvmap bridge train --task text-limb --steps 2000 --val-every 250
+	$(BIN)/python benchmarks/probe_limb_kv.py
 	$(MAKE) report
 
 # Scale (issue 5, in progress): passkey with memory vs none at growing memory sizes (decode ms/token,

@@ -213,6 +213,10 @@ def cmd_limb_train(args) -> int:
 def _bridge_parts(args):
     from kvmap.training.bridge import BridgeDataModule, BridgeModule
 
+    for name in ("n_train", "n_val", "n_test", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
     module = BridgeModule(task=args.task, text_model=args.model, target_text_model=args.target_model,
                           limb_checkpoint=args.limb, lr=args.lr, seed=args.seed)
     data = BridgeDataModule(task=args.task, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,

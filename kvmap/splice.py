@@ -55,7 +55,9 @@ def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, 
     """Memory ids (M,) of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
 
     ``neighbours``: also take that many blocks either side of each chosen one (EM-LLM's contiguity
-    buffer), so a fact cut at a block edge comes with its sentence."""
+    buffer), so a fact cut at a block edge comes with its sentence. Overlapping neighbourhoods
+    merge, so this gives at most ``n_blocks * (1 + 2 * neighbours)`` blocks, fewer when chosen
+    blocks sit close together (unlike the import path, which fills that budget)."""
     from kvmap.eval.rag import BM25Retriever
 
     texts = memory.token_texts()

@@ -31,7 +31,7 @@ def test_sharded_search_equals_single_process_search(tmp_path, ray_local, store)
     for i, sizes in enumerate([[40], [25, 10], [60], [7]]):  # 4 segments of uneven size
         remember(mem, f"s{i}.txt", rng, sizes, doc=i)
     queries = torch.from_numpy(rng.standard_normal((LAYOUT.n_kv_heads, 9, LAYOUT.head_dim)).astype(np.float32))
-    sharded = ShardedMemory(tmp_path / "m", n_shards=3, expect_model_id=MODEL, cpus_per_shard=0.5)
+    sharded = ShardedMemory(tmp_path / "m", n_shards=3, expect_model_id=MODEL, cpus_per_shard=0.1)  # 0.1: the previous case's actors may not have released theirs yet
     try:
         assert len(sharded.shards) == 3 and sharded.n_tokens == mem.n_tokens
         for layer in range(LAYOUT.n_layers):
@@ -43,6 +43,8 @@ def test_sharded_search_equals_single_process_search(tmp_path, ray_local, store)
         # fetch goes to the local memory-mapped folder: the same vectors for the same ids
         keys, _ = sharded.fetch(0, want_i[:, :, :3])
         torch.testing.assert_close(keys, mem.fetch(0, want_i[:, :, :3])[0])
+        with pytest.raises(InputError, match="read-only"):  # the shards would not see the change
+            sharded.forget("s0.txt")
     finally:
         sharded.close()
 
@@ -69,5 +71,5 @@ def test_more_shards_than_ray_cpus_is_refused_not_a_hang(tmp_path, ray_local):
     mem = Memory.create(tmp_path / "m", MODEL, LAYOUT)
     for i in range(3):
         remember(mem, f"s{i}.txt", np.random.default_rng(i), [5], doc=i)
-    with pytest.raises(InputError, match="exceed the 2 CPUs"):
+    with pytest.raises(InputError, match="CPUs Ray has free"):
         ShardedMemory(tmp_path / "m", n_shards=3)

@@ -112,6 +112,7 @@ class KVAdapter(nn.Module):
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"kvmap_adapter": json.dumps(self.config())})
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an adapter is meant to be shared
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

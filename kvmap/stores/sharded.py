@@ -68,10 +68,10 @@ class ShardedMemory:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      **({} if address else {"num_cpus": max(n_shards, os.cpu_count() or 1)}))
         # Ray waits forever for an actor it has no CPUs for: refuse up front instead.
-        cpus = ray.cluster_resources().get("CPU", 0)
+        cpus = ray.available_resources().get("CPU", 0)  # free now: CPUs other actors hold do not count
         if n_shards * cpus_per_shard > cpus:
-            raise InputError(f"{n_shards} shards x {cpus_per_shard} CPUs exceed the {cpus:g} CPUs Ray has; "
-                             "use fewer shards or a smaller cpus_per_shard")
+            raise InputError(f"{n_shards} shards x {cpus_per_shard} CPUs exceed the {cpus:g} CPUs Ray has free; "
+                             "use fewer shards, a smaller cpus_per_shard, or close() other sharded memories")
         actor = ray.remote(num_cpus=cpus_per_shard)(_Shard)
         folder = str(Path(path).resolve())
         self.shards = [actor.remote(folder, list(range(i, n_segments, n_shards))) for i in range(n_shards)]
@@ -96,4 +96,6 @@ class ShardedMemory:
         self.shards = []
 
     def __getattr__(self, name):  # fetch, layout, model_id, n_tokens, offsets, token_texts, block_means...
+        if name in ("writer", "forget"):  # the shards would keep the old segments and id numbering
+            raise InputError(f"a sharded memory is read-only; {name} through Memory.open(path), then shard it again")
         return getattr(self.local, name)
