@@ -62,12 +62,22 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 	$(BIN)/python benchmarks/probe_limb_kv.py
 	$(MAKE) report
 
-# Scale (issue 5, in progress): passkey with memory vs none at growing memory sizes (decode ms/token,
-# ingest tok/s, peak RSS, disk bytes/token), recall@k of store settings on real K/V, sharded-store
-# overhead. 1k-100k tokens; about 1 h on this CPU. 1M tokens does not fit the exact store's RAM yet.
+# Scale (issue 5): passkey by memory size, memory vs none in the same run (decode ms/token, ingest
+# tok/s, peak RSS, disk bytes/token), searching at every forward (`kvmap`) and with retrieval reuse
+# (`kvmap:reuse=64`); a 1M-token memory (23 GB on disk, about 35-60 min to build, resumable); recall@k
+# of store settings and of reuse on real K/V; the sharded store's overhead. About 3 h on this CPU.
+SCALE_DIR := $(HOME)/.cache/kvmap/scale
 bench-scale: $(STAMP)
 	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
 	$(BIN)/kvmap eval passkey-grid --lengths 100k --limit 3 --methods none,kvmap --out runs/scale/passkey
+	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
+	$(BIN)/kvmap eval passkey-grid --lengths 100k --limit 3 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
+	$(BIN)/kvmap bench scale --tokens 1M --build-only
+	$(BIN)/kvmap bench scale --tokens 1M --trials 10
+	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse-next 0 --out runs/scale/filler-1m-reuse64
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --build-only
+	$(BIN)/python benchmarks/recall_reuse.py --memory $(SCALE_DIR)/tales-1m
+	$(BIN)/python benchmarks/quantization_cost.py --memory $(SCALE_DIR)/tales-1m
 	$(BIN)/python benchmarks/recall_real_kv.py
 	$(BIN)/python benchmarks/sharded_latency.py
 	$(MAKE) report

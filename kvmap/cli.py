@@ -14,7 +14,7 @@ STORE_CHOICES = ["exact", "faiss-flat", "faiss-hnsw", "faiss-ivfpq", "lsh"]
 
 def _comma_ints(text: str) -> list[int]:
     try:
-        return [int(x.replace("_", "").lower().replace("k", "000")) for x in text.split(",") if x]
+        return [int(x.replace("_", "").lower().replace("k", "000").replace("m", "000000")) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers (e.g. 16000,64k)")
 
@@ -22,7 +22,8 @@ def _comma_ints(text: str) -> list[int]:
 def _import_config(args):
     from kvmap.ports import ImportConfig
 
-    return ImportConfig(top_k=args.top_k, distance=args.distance, placement=args.placement)
+    return ImportConfig(top_k=args.top_k, distance=args.distance, placement=args.placement,
+                        reuse=getattr(args, "reuse", 0))
 
 
 def _load(model: str | None):
@@ -187,6 +188,48 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench_scale(args) -> int:
+    """Build a corpus memory of --tokens tokens (resumable), then run passkey trials against it."""
+    import time
+    from pathlib import Path
+
+    from kvmap.eval.corpus import build_corpus_memory
+    from kvmap.eval.scale import passkey_at_scale
+    from kvmap.models.loading import cache_dir
+    from kvmap.ports import ImportConfig
+
+    tokens = args.tokens[0]
+    name = f"{tokens // 1_000_000}m" if tokens % 1_000_000 == 0 else f"{tokens // 1000}k"
+    memory = Path(args.memory).expanduser() if args.memory else cache_dir() / "scale" / f"{args.corpus}-{name}"
+    out = Path(args.out or f"runs/scale/{args.corpus}-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    lm = _load(args.model)
+    build = build_corpus_memory(lm, memory, tokens, corpus=args.corpus, progress=not args.quiet)
+    build["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    if build["parts_read"]:
+        with open(out / "build.jsonl", "a", encoding="utf-8") as f:  # one line per (resumed) build call
+            f.write(json.dumps(build) + "\n")
+    print(f"memory {memory}: {build['n_tokens']} tokens in {build['n_segments']} segments"
+          + (f"; read {build['tokens_read']} tokens at {build['ingest_tok_s']:.0f} tok/s" if build["parts_read"] else ""))
+    if args.build_only:
+        return 0
+    config = ImportConfig(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next)
+    result = passkey_at_scale(lm, memory, args.trials, config, seed=args.seed, log_path=out / "trials.jsonl",
+                              progress=not args.quiet)
+    result["built_in_this_process"] = bool(build["parts_read"])  # then peak RSS includes the build
+    result["corpus"] = args.corpus
+    tmp = out / "passkey-scale.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "passkey-scale.json")
+    sp = result["speed"]
+    print(f"passkey in {result['haystack_tokens']} tokens of {args.corpus}: kvmap {result['methods']['kvmap']['correct']}"
+          f"/{result['trials']}, none {result['methods']['none']['correct']}/{result['trials']}; decode "
+          f"{sp['decode_ms_memory']:.0f} vs {sp['decode_ms_no_memory']:.0f} ms/token ({sp['decode_ratio']:.2f}x); "
+          f"first forward {sp['prefill_s_memory']:.1f} s; peak RSS {result['peak_rss_mb'] / 1024:.2f} GiB; "
+          f"{result['disk_bytes_per_token'] / 1024:.1f} KiB/token on disk; wrote {out / 'passkey-scale.json'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -276,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--placement", default="ordered", choices=["ordered", "fixed"],
                         help="ordered: a query's memories keep reading order behind it (default); "
                              "fixed: all at position 0 (the seed's)")
+        sp.add_argument("--reuse", type=int, default=0,
+                        help="search the memory once, for the prompt (this many candidates per query, streamed "
+                             "from disk), and decode among those candidates: for memories too large to search "
+                             "per token, e.g. 64 (default 0: search at every token)")
 
     r = sub.add_parser("remember", help="read text files into a memory folder")
     r.add_argument("files", nargs="+", help="UTF-8 text files ('-' reads standard input)")
@@ -357,6 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
     generic("babi", "bAbI facts spread through tales (BABILong style)", "4k,16k").add_argument(
         "--qa", type=int, choices=[1, 2, 3], default=1)
     generic("passkey-grid", "passkey through the generic runner (all baselines)", "16k")
+
+    bn = sub.add_parser("bench", help="long benchmarks")
+    bnsub = bn.add_subparsers(dest="bench_command", required=True)
+    sc = bnsub.add_parser("scale", help="passkey from a very large memory: build it (resumable), then ask with "
+                                        "memory and without, side by side")
+    sc.add_argument("--tokens", type=_comma_ints, default=[1_000_000], help="memory size, e.g. 1M or 100k (1M)")
+    sc.add_argument("--corpus", default="filler", choices=["filler", "tales"],
+                    help="filler: the passkey template's haystack (default); tales: the bundled tales, repeated")
+    sc.add_argument("--memory", help="memory folder (default $KVMAP_CACHE/scale/CORPUS-SIZE; 23 KB per token)")
+    sc.add_argument("--trials", type=int, default=10)
+    sc.add_argument("--reuse", type=int, default=64,
+                    help="candidates per query kept from the prompt's exact search and reused while decoding (64)")
+    sc.add_argument("--reuse-next", type=int, default=8,
+                    help="also keep the 8 memories after each candidate (what followed a match, e.g. a passkey's digits)")
+    sc.add_argument("--top-k", type=int, default=16)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--model")
+    sc.add_argument("--out", help="run folder (runs/scale/CORPUS-SIZE): passkey-scale.json, trials.jsonl (resumable), build.jsonl")
+    sc.add_argument("--build-only", action="store_true", help="only build (or finish building) the memory")
+    sc.add_argument("--quiet", action="store_true")
+    sc.set_defaults(func=cmd_bench_scale)
 
     rp = sub.add_parser("report", help="build RESULTS.md from run files")
     rp.add_argument("runs", help="folder holding run folders (passkey.json, sweep.json)")

@@ -74,11 +74,27 @@ class ImportConfig:
     """Block retrieval: also import this many blocks either side of each chosen one (EM-LLM's
     contiguity buffer); the total stays ``n_blocks * (1 + 2 * neighbours)`` blocks."""
     select_last: int = 0
-    """Block retrieval: only the queries of the first forward's last ``select_last`` tokens choose
-    the blocks (e.g. the question's tokens, not the instruction's); 0 means all of them."""
+    """Block retrieval and ``reuse``: only the queries of the first forward's last ``select_last`` tokens
+    choose the blocks or candidates (e.g. the question's tokens, not the instruction's); 0: all of them."""
     fixed_blocks: tuple[int, ...] | None = None
     """Block retrieval with the blocks chosen outside attention (e.g. by BM25 on the blocks' text):
     these block indices, for every layer and KV head, instead of the attention-score choice."""
+    reuse: int = 0
+    """0: token-level retrieval searches the memory's store at every forward (the seed's method).
+    > 0: retrieval is reused across decode steps, for large memories: the first forward's queries
+    each find their ``reuse`` best memories by exact search streamed over the whole memory
+    (:mod:`kvmap.stores.candidates`); the union per (layer, KV head) is kept, and every forward (the
+    prompt's and each decoded token's) takes its exact top-k among it. Decode cost then no longer
+    grows with the memory; the first forward reads every key once."""
+    reuse_next: int = 0
+    """With ``reuse``: also keep the ``reuse_next`` memories that follow each candidate in reading order
+    (what came right after a match, e.g. the digits after "the pass key is")."""
+    reuse_blocks: int = 0
+    """With ``reuse``: 0 finds the candidates by exact search. > 0 instead takes the tokens of this
+    many blocks per (layer, KV head), ranked by block key bounds (Quest-style): reads far less, but
+    measured recall is much lower (RESULTS.md, scale section)."""
+    reuse_block_size: int = 32
+    """Tokens per block for ``reuse_blocks``."""
     search_chunk: int = 256
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""
 
@@ -138,19 +154,27 @@ class MemoryPort(ABC):
 class ImportTrace:
     """What an import block retrieved: global memory ids with summed scores, for showing provenance."""
 
-    hits: dict[int, float] = field(default_factory=dict)
-    """Memory id -> number of times it was among the top-k (over layers, heads and tokens)."""
     blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     """Block retrieval: layer -> (Hkv, M) memory ids of the tokens chosen for that layer's KV heads."""
     block_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     """Block retrieval: layer -> (Hkv, n_blocks) attention mass the choosing queries gave each block."""
+    _pending: list = field(default_factory=list, repr=False)
+    _hits: dict[int, float] = field(default_factory=dict, repr=False)
 
     def record(self, ids: torch.Tensor) -> None:
-        flat = ids.reshape(-1)
-        flat = flat[flat >= 0]
-        uniq, counts = torch.unique(flat, return_counts=True)
-        for i, c in zip(uniq.tolist(), counts.tolist()):
-            self.hits[i] = self.hits.get(i, 0.0) + c
+        """Note retrieved ids; counted only when ``hits`` is read (this runs on every decode step)."""
+        self._pending.append(ids)
+
+    @property
+    def hits(self) -> dict[int, float]:
+        """Memory id -> number of times it was among the top-k (over layers, heads and tokens)."""
+        if self._pending:
+            flat = torch.cat([ids.reshape(-1) for ids in self._pending])
+            self._pending.clear()
+            uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
+            for i, c in zip(uniq.tolist(), counts.tolist()):
+                self._hits[i] = self._hits.get(i, 0.0) + c
+        return self._hits
 
     def top(self, n: int) -> list[tuple[int, float]]:
         return sorted(self.hits.items(), key=lambda kv: -kv[1])[:n]

@@ -105,3 +105,26 @@ def test_any_local_checkpoint_folder_loads_by_path(lm, tmp_path):
     assert loaded.port.layout.n_layers == 2
     with pytest.raises(Exception, match="neither a built-in name"):
         load_model(tmp_path / "nothing-here")
+
+
+def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tmp_path):
+    """`kvmap bench scale` in small: a filler corpus memory, built in two calls, then passkey trials
+    with retrieval reuse; every needle is forgotten again."""
+    from kvmap.eval.corpus import build_corpus_memory
+    from kvmap.eval.scale import passkey_at_scale
+    from kvmap.ports import ImportConfig
+    from kvmap.stores import Memory
+
+    path = tmp_path / "filler"
+    first = build_corpus_memory(lm, path, 1000, part_tokens=512, corpus="filler", progress=False)
+    second = build_corpus_memory(lm, path, 2000, part_tokens=512, corpus="filler", progress=False)
+    assert first["parts_read"] == 2 and second["parts_read"] == 2  # the second call reads only what is missing
+    assert build_corpus_memory(lm, path, 2000, part_tokens=512, corpus="filler", progress=False)["parts_read"] == 0
+    before = Memory.open(path).n_tokens
+    result = passkey_at_scale(lm, path, 2, ImportConfig(reuse=64), needle_tokens=200, progress=False,
+                              log_path=tmp_path / "log.jsonl")
+    assert result["methods"]["kvmap"]["correct"] == 2, [e["kvmap"]["output"] for e in result["examples"]]
+    assert result["methods"]["none"]["correct"] == 0
+    after = Memory.open(path)
+    assert after.n_tokens == before and not [s for s in after.sources() if s["source"].startswith("needle/")]
+    assert result["speed"]["decode_ms_memory"] > 0 and result["peak_rss_mb"] > 0

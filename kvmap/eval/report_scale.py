@@ -1,5 +1,7 @@
-"""The scale section of RESULTS.md, from ``runs/scale/*.json`` (benchmarks/recall_real_kv.py,
-benchmarks/sharded_latency.py)."""
+"""The scale section of RESULTS.md, from ``runs/scale``: passkey by memory size (``kvmap eval passkey-grid``
+runs and ``kvmap bench scale``), recall of store settings and of retrieval reuse on real K/V
+(``benchmarks/recall_real_kv.py``, ``benchmarks/recall_reuse.py``), the sharded store's overhead
+(``benchmarks/sharded_latency.py``)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,71 @@ from pathlib import Path
 def scale_section(folder: Path, out_dir: Path) -> list[str]:
     """Recall@k of each store setting on real K/V (table and plot) and the sharded store's overhead."""
     lines = ["## Scale: store settings and sharding", ""]
+    rows = size_rows(folder)
+    if rows:
+        lines += ["Passkey by memory size, with memory and without it (same prompt, same process, one after the "
+                  "other). `kvmap` searches the memory at every forward (exact store in RAM); `kvmap:reuse=64` "
+                  "searches it once, exactly, streamed from disk, for the prompt's queries (64 candidates each), "
+                  "and every decode step takes its top-16 among those candidates; `reuse_next=8` also keeps the 8 "
+                  "memories after each candidate. 1k–100k: `kvmap eval passkey-grid` (one haystack per trial, "
+                  "read in that trial; peak RSS includes the runner's chunk cache of up to 4 GB); 1M: `kvmap "
+                  "bench scale` (one filler memory built once, a needle document added and forgotten per trial). "
+                  "The `kvmap:reuse=64` rows at 1k–100k shared the two cores with the 1M build and ran before the "
+                  "few-ops decode path; the 1M rows ran alone, `reuse=64` before that path, `reuse_next=8` with "
+                  "it. Ratio: median decode time with memory over median without.", "",
+                  "| memory tokens | method | passkey | decode ms/token, memory | no memory | ratio | first forward s "
+                  "| ingest tok/s | peak RSS GiB | disk KiB/token |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['tokens']:,} | {r['method']} | {r['correct']}/{r['n']} | {r['decode_ms']:.0f} | "
+                         f"{r['decode_ms_none']:.0f} | {r['decode_ms'] / r['decode_ms_none']:.2f}× | "
+                         f"{_fmt(r.get('first_s'), '.1f')} | {_fmt(r.get('ingest_tok_s'), '.0f')} | "
+                         f"{r['peak_rss_mb'] / 1024:.2f} | {_fmt(r.get('disk_bytes_per_token', 0) / 1024, '.1f')} |")
+        plot = out_dir / "results_scale.png"
+        plot_sizes(rows, plot)
+        lines += ["", f"![decode time, accuracy and RSS by memory size]({plot.name})", ""]
+    builds = sorted(folder.glob("*/build.jsonl"))
+    if builds:
+        lines += ["Corpus memory builds (`kvmap bench scale`; one line per build call, a resumed build adds one):", "",
+                  "| run | memory tokens after | tokens read | minutes | tok/s | note |", "|---|---|---|---|---|---|"]
+        for path in builds:
+            for b in (json.loads(x) for x in path.read_text().splitlines() if x.strip()):
+                lines.append(f"| {path.parent.name} | {b['n_tokens']:,} | {b['tokens_read']:,} | {b['seconds'] / 60:.1f} | "
+                             f"{b['ingest_tok_s']:.0f} | {b.get('note', '')} |")
+        lines.append("")
+    overhead = folder / "decode_overhead.json"
+    if overhead.exists():
+        r = json.loads(overhead.read_text())
+        lines += [f"Decode cost of the memory path itself (`benchmarks/decode_overhead.py`, a {r['settings']['memory_tokens']}"
+                  f"-token memory, {r['settings']['config']}): {r['decode_ms_memory']:.1f} vs {r['decode_ms_no_memory']:.1f} "
+                  f"ms/token without memory ({r['ratio']:.2f}×), median of {r['settings']['rounds']} alternating rounds.", ""]
+    reuse = folder / "recall_reuse.json"
+    if reuse.exists():
+        r = json.loads(reuse.read_text())
+        s = r["settings"]
+        lines += [f"Recall@{s['k']} of retrieval reuse against exact search over the whole memory, on SmolLM2's "
+                  f"real K/V ({s['n_tokens']:,} tokens of tales), through the real import path "
+                  f"({s['questions']} FairytaleQA questions, {s['new_tokens']} decoded tokens each, layers "
+                  f"{s['layers']}; `benchmarks/recall_reuse.py`). *Prompt*: the forward that picks the candidates; "
+                  "*decode*: later tokens searching among them. `reuse=K`: each prompt query's K best by exact "
+                  "search; `reuse_blocks=B`: the tokens of B blocks of 32 per (layer, KV head), ranked by "
+                  "per-channel key bounds (Quest).", "",
+                  "| setting | recall, prompt | recall, decode | candidates per (layer, KV head) | first forward s |",
+                  "|---|---|---|---|---|"]
+        for name, x in r["recall"].items():
+            lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | {x['candidates_per_head']:.0f} | "
+                         f"{x['prompt_s']:.1f} |")
+        lines.append("")
+    quant = folder / "quantization.json"
+    if quant.exists():
+        r = json.loads(quant.read_text())
+        s, b = r["settings"], r["bytes_per_token"]
+        lines += [f"Compact storage: float16 K/V take {b['float16'] / 1024:.1f} KiB per token. Int8 with per-channel "
+                  f"scales (per segment, KV head and channel) would take {b['int8'] / 1024:.1f} KiB; on "
+                  f"{s['n_tokens']:,} tokens of real SmolLM2 K/V it keeps recall@{s['k']} of {r['mean_recall']:.3f} "
+                  f"against float16 search (per layer: "
+                  + ", ".join(f"{x['layer']}: {x['recall_int8_vs_fp16']:.2f}" for x in r["rows"])
+                  + f") and changes the memory part of attention by {r['median_output_error']:.1%} (median relative "
+                  "error), `benchmarks/quantization_cost.py`. Memories stay float16.", ""]
     recall = folder / "recall.json"
     if recall.exists():
         r = json.loads(recall.read_text())
@@ -36,6 +103,67 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                   f"{x['ratio']:.2f}× |" for x in r["layer_search"]]
         lines.append("")
     return lines
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def size_rows(folder: Path) -> list[dict]:
+    """One row per (memory size, kvmap method): grid passkey runs under ``folder`` and ``*/passkey-scale.json``."""
+    rows = []
+    for metrics in sorted(folder.glob("*/metrics.json")):
+        m = json.loads(metrics.read_text())
+        if m.get("task") != "passkey":
+            continue
+        for length, cells in m["metrics"].items():
+            none = cells.get("none", {})
+            for method, c in cells.items():
+                if method.startswith("kvmap") and c.get("n") and none.get("decode_ms_per_token"):
+                    rows.append({"tokens": int(length), "method": method, "correct": round(c["score"] * c["n"]),
+                                 "n": c["n"], "decode_ms": c["decode_ms_per_token"],
+                                 "decode_ms_none": none["decode_ms_per_token"], "ingest_tok_s": c.get("ingest_tok_s"),
+                                 "peak_rss_mb": c["peak_rss_mb"], "disk_bytes_per_token": c.get("disk_bytes_per_token", 0),
+                                 "accuracy": c["score"]})
+    for result in sorted(folder.glob("*/passkey-scale.json")):
+        r = json.loads(result.read_text())
+        builds = [json.loads(x) for x in (result.parent / "build.jsonl").read_text().splitlines()] \
+            if (result.parent / "build.jsonl").exists() else []
+        read, seconds = sum(b["tokens_read"] for b in builds), sum(b["seconds"] for b in builds)
+        k = r["methods"]["kvmap"]
+        nxt = r["config"].get("reuse_next", 0)
+        method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "")
+        rows.append({"tokens": r["haystack_tokens"], "method": f"{method} ({r['corpus']})",
+                     "correct": k["correct"], "n": k["n"], "decode_ms": r["speed"]["decode_ms_memory"],
+                     "decode_ms_none": r["speed"]["decode_ms_no_memory"], "first_s": r["speed"]["prefill_s_memory"],
+                     "ingest_tok_s": read / seconds if seconds else None, "peak_rss_mb": r["peak_rss_mb"],
+                     "disk_bytes_per_token": r["disk_bytes_per_token"], "accuracy": k["accuracy"]})
+    return sorted(rows, key=lambda x: (x["method"].split(" ")[0], x["tokens"]))
+
+
+def plot_sizes(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for method in sorted({r["method"].split(" ")[0] for r in rows}):
+        mine = [r for r in rows if r["method"].split(" ")[0] == method]
+        x = [r["tokens"] for r in mine]
+        axes[0].plot(x, [r["decode_ms"] / r["decode_ms_none"] for r in mine], marker="o", label=method)
+        axes[1].plot(x, [r["accuracy"] for r in mine], marker="o", label=method)
+        axes[2].plot(x, [r["peak_rss_mb"] / 1024 for r in mine], marker="o", label=method)
+    axes[0].axhline(1.3, color="grey", lw=0.8, ls="--")
+    axes[2].axhline(6, color="grey", lw=0.8, ls="--")
+    for ax, title in zip(axes, ["decode ms/token, memory / none", "passkey accuracy", "peak RSS (GiB)"]):
+        ax.set_xscale("log")
+        ax.set_xlabel("memory tokens")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _over_layers(r: dict, setting: str, key: str) -> float:

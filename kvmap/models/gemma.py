@@ -120,4 +120,6 @@ class Gemma3MemoryPort(LlamaMemoryPort):
                 memory = memory if reach < window else None  # out of the window: nothing to import
             else:
                 memory = _WindowedMemory(memory, window)
-        return dataclasses.replace(state, rotary=rotary, query_cos_sin=query_cos_sin, memory=memory)
+        # Rotation caches are the layer type's own (its rotary differs); the rest is shared.
+        return dataclasses.replace(state, rotary=rotary, query_cos_sin=query_cos_sin, memory=memory,
+                                   age_cos_sin={}, rotations={})

@@ -31,8 +31,15 @@ class _PortState:
     config: ImportConfig = field(default_factory=ImportConfig)
     trace: ImportTrace = field(default_factory=ImportTrace)
     rotary: nn.Module | None = None
+    age_cos_sin: dict = field(default_factory=dict)
+    """(k, dtype) -> cos, sin of shape (k, head_dim) at positions 0, -1, ..., -(k-1) (ordered placement)."""
+    rotations: dict = field(default_factory=dict)
+    """Rotation matrices cached by :func:`_rotation`."""
     query_cos_sin: dict = field(default_factory=dict)
     """(dtype) -> cos, sin of shape (head_dim,) at position ``config.distance``."""
+    candidates: dict = field(default_factory=dict)
+    """Retrieval reuse: layer -> (ids (Hkv, C), keys transposed (Hkv, d, C), keys and values (Hkv, C, 2d),
+    any padding), the candidate tokens the first forward picked, kept for the rest of the block."""
     blocks: dict = field(default_factory=dict)
     """Block retrieval: layer -> (keys, values), each (Hkv, M, d), the chosen blocks' tokens, already
     rotated to their placement (chosen at the first forward, kept for the rest of the block)."""
@@ -41,6 +48,11 @@ class _PortState:
         if self.memory is None or self.memory.n_tokens == 0:
             return False
         return self.config.layers is None or layer in self.config.layers
+
+
+FAST_DECODE = True
+"""Decode steps among reused candidates take :func:`_decode_among_candidates` (tests compare it with the
+general path by turning this off)."""
 
 
 def _local_mask(t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -71,12 +83,16 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     n_kv, s = k_all.shape[1], k_all.shape[2]
     r = n_q // n_kv  # query heads per KV head (GQA group)
     scale = attn.scaling
+    if FAST_DECODE and t == 1 and layer in state.candidates and cfg.placement == "ordered" \
+            and cfg.block_size == 0 and getattr(attn, "sliding_window", None) is None:
+        return _decode_among_candidates(state, layer, q, q_rot, k_all, v_all, scale)
 
     # Local part: ordinary RoPE attention, causal (and windowed on sliding-window layers).
     qg = q_rot[0].reshape(n_kv, r, t, d)  # (Hkv, r, T, d)
-    local = torch.einsum("hrtd,hsd->hrts", qg, k_all[0]) * scale  # (Hkv, r, T, S)
+    local = torch.matmul(qg, k_all[0].transpose(-1, -2)[:, None]) * scale  # (Hkv, r, T, S)
     window = getattr(attn, "sliding_window", None)
-    local = local.masked_fill(~_local_mask(t, s, window, q.device), float("-inf"))
+    if t > 1 or (window is not None and s > window):  # one new token with no window sees every key
+        local = local.masked_fill(~_local_mask(t, s, window, q.device), float("-inf"))
 
     if cfg.block_size > 0:
         return _attend_with_blocks(attn, state, q, qg, local, v_all)
@@ -85,33 +101,132 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     # (stored at position 0) sit `distance` tokens behind it.
     if cfg.placement == "true":
         qm = q_rot[0]
-    else:
-        cos, sin = state.query_cos_sin[q.dtype]
-        qm = rotate(q[0], cos, sin)  # (Hq, T, d)
+    else:  # one matmul with the rotation matrix (cheaper per decode step than the elementwise form)
+        qm = torch.matmul(q[0], _rotation(state, "query", q.dtype))  # (Hq, T, d)
     queries = qm.reshape(n_kv, r * t, d)  # (Hkv, r*T, d): a group's queries search that KV head's store
-    _, ids = memory.search(layer, queries.float(), cfg.top_k)  # (Hkv, r*T, k)
-    mem_k, mem_v = memory.fetch(layer, ids)  # (Hkv, r*T, k, d)
+    ids, mem_k, mem_v, in_order, padded = _retrieve(state, layer, queries.float(), t)  # (Hkv, r*T, k), (Hkv, r*T, k, d)
     mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
     k = ids.shape[-1]
     if cfg.placement == "true":
         pos_cos, pos_sin = cos_sin(state.rotary, memory.offsets(ids), mem_k)
         mem_k = rotate(mem_k, pos_cos, pos_sin)
-    elif cfg.placement == "ordered":
+    elif cfg.placement == "ordered" and not in_order:
         # Keep reading order among one query's memories: the newest sits `distance` behind the query,
         # each older one a position further (ids grow with reading order).
+        if (k, mem_k.dtype) not in state.age_cos_sin:
+            state.age_cos_sin[k, mem_k.dtype] = cos_sin(state.rotary, -torch.arange(k), mem_k)  # positions 0, -1, ...
+        table_cos, table_sin = state.age_cos_sin[k, mem_k.dtype]
         age = k - 1 - ids.argsort(dim=-1).argsort(dim=-1)  # (Hkv, r*T, k): 0 = newest
-        table_cos, table_sin = cos_sin(state.rotary, -torch.arange(k), mem_k)  # (k, d)
         mem_k = rotate(mem_k, table_cos[age], table_sin[age])
-    # Re-score exactly: approximate stores return approximate scores.
-    mem_logits = torch.einsum("hmd,hmkd->hmk", queries, mem_k) * scale
-    mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
+    if cfg.placement == "ordered" and in_order:
+        # Ids ascend along the last dim, so the j-th memory is k-1-j places old: rotating each query by
+        # k-1-j more positions is the same as rotating that memory back by as many (RoPE is relative).
+        per_slot = torch.matmul(queries, _rotation(state, ("slots", k), q.dtype)).view(n_kv, r * t, k, d)
+        mem_logits = (per_slot * mem_k).sum(-1) * scale  # (Hkv, r*T, k)
+    else:  # re-score exactly: approximate stores return approximate scores
+        mem_logits = torch.matmul(mem_k, queries[..., None])[..., 0] * scale  # (Hkv, r*T, k)
+    if padded:
+        mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
     mem_logits = mem_logits.reshape(n_kv, r, t, k)  # (Hkv, r, T, k)
     state.trace.record(ids)
 
     probs = torch.softmax(torch.cat([mem_logits, local], dim=-1).float(), dim=-1).to(q.dtype)
-    out = torch.einsum("hrtk,hrtkd->hrtd", probs[..., :k], mem_v.reshape(n_kv, r, t, k, d))
-    out = out + torch.einsum("hrts,hsd->hrtd", probs[..., k:], v_all[0])
+    out = torch.matmul(probs[..., None, :k], mem_v.reshape(n_kv, r, t, k, d))[..., 0, :]  # (Hkv, r, T, d)
+    out = out + torch.matmul(probs[..., k:], v_all[0][:, None])
     return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
+
+
+def _decode_among_candidates(state: _PortState, layer: int, q: torch.Tensor, q_rot: torch.Tensor,
+                             k_all: torch.Tensor, v_all: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`_attend_with_memory` for one decoded token with reused candidates and ordered placement.
+
+    The same result in fewer tensor operations (each costs tens of microseconds on a CPU, 30 layers a
+    token): one matmul rotates the pre-RoPE queries to every memory slot's position at once.
+    """
+    cand, keys_t, cand_kv, padded = state.candidates[layer]  # (Hkv, C), (Hkv, d, C), (Hkv, C, 2d)
+    n_kv, d, n_cand = keys_t.shape
+    k = min(state.config.top_k, n_cand)
+    r = q.shape[1] // n_kv
+    # (Hkv, r, k, d): slot j holds the query rotated to distance + k-1-j; the last slot is the search query.
+    per_slot = torch.matmul(q[0, :, 0].view(n_kv, r, d), _rotation(state, ("query-slots", k), q.dtype)).view(n_kv, r, k, d)
+    scores = torch.bmm(per_slot[:, :, -1], keys_t)  # (Hkv, r, C)
+    if padded:
+        scores = scores.masked_fill(cand[:, None, :] < 0, float("-inf"))
+    pick = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # reading order: slot j is k-1-j places old
+    heads = torch.arange(n_kv)[:, None, None]
+    ids = cand[heads, pick]  # (Hkv, r, k)
+    kv = cand_kv[heads, pick]  # (Hkv, r, k, 2d)
+    mem_logits = (per_slot * kv[..., :d]).sum(-1)  # (Hkv, r, k)
+    if padded:
+        mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
+    local = torch.bmm(q_rot[0, :, 0].view(n_kv, r, d), k_all[0].transpose(1, 2))  # (Hkv, r, S)
+    state.trace.record(ids)
+    probs = torch.softmax(torch.cat([mem_logits, local], dim=-1) * scale, dim=-1)
+    out = torch.matmul(probs[..., None, :k], kv[..., d:])[..., 0, :] + torch.bmm(probs[..., k:], v_all[0])  # (Hkv, r, d)
+    return out.reshape(1, 1, n_kv * r, d)  # (1, T, Hq, d)
+
+
+def _rotation(state: _PortState, what, dtype: torch.dtype) -> torch.Tensor:
+    """Cached RoPE rotations as matrices acting on row vectors (``x @ R`` equals :func:`rotate`).
+
+    ``"query"``: (d, d), to position ``distance`` (pre-RoPE queries). ``("slots", k)``: (d, k*d), the
+    j-th (d, d) block rotates by k-1-j positions (ordered placement of k memories in reading order).
+    ``("query-slots", k)``: both in one, for pre-RoPE queries.
+    """
+    key = (what, dtype)
+    if key not in state.rotations:
+        if what == "query":
+            cos, sin = state.query_cos_sin[dtype]
+            state.rotations[key] = rotate(torch.eye(cos.shape[-1], dtype=dtype, device=cos.device), cos, sin)
+        elif what[0] == "query-slots":  # to distance, then by k-1-j: (d, k*d)
+            state.rotations[key] = torch.matmul(_rotation(state, "query", dtype), _rotation(state, ("slots", what[1]), dtype))
+        else:
+            k = what[1]
+            like = state.query_cos_sin[dtype][0]
+            cos, sin = cos_sin(state.rotary, torch.arange(k - 1, -1, -1), like)  # (k, d)
+            eye = torch.eye(cos.shape[-1], dtype=dtype, device=like.device)
+            blocks = rotate(eye[None], cos[:, None, :], sin[:, None, :])  # (k, d, d)
+            state.rotations[key] = blocks.permute(1, 0, 2).reshape(cos.shape[-1], k * cos.shape[-1])
+    return state.rotations[key]
+
+
+def _retrieve(state: _PortState, layer: int, queries: torch.Tensor,
+              t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]:
+    """Top-k memory ids (Hkv, M, k) of each query (Hkv, M, d), their keys and values (Hkv, M, k, d),
+    whether each query's ids come in reading order, and whether some ids may be -1 (padding).
+    Queries are (r, T) flattened, T = ``t`` tokens."""
+    cfg, memory = state.config, state.memory
+    if cfg.reuse <= 0:
+        _, ids = memory.search(layer, queries, cfg.top_k)
+        return (ids, *memory.fetch(layer, ids), False, True)
+    if layer not in state.candidates:  # the first forward picks the candidates; later ones reuse them
+        from kvmap.stores import candidates
+
+        choosing = queries
+        if 0 < cfg.select_last < t:  # only the last tokens' queries (the question's) pick candidates
+            n_kv, _, d = queries.shape
+            choosing = queries.reshape(n_kv, -1, t, d)[:, :, -cfg.select_last:].reshape(n_kv, -1, d)
+        if cfg.reuse_blocks > 0:
+            lo, hi, starts, lengths = memory.block_bounds(layer, cfg.reuse_block_size)
+            blocks = candidates.candidate_blocks(choosing, lo, hi, cfg.reuse_blocks, cfg.search_chunk)
+            cand = candidates.block_token_ids(blocks, starts, lengths, cfg.reuse_block_size)
+        else:
+            search = getattr(memory, "search_streamed", memory.search)  # RAM stores: their own exact search
+            cand = candidates.union_ids(search(layer, choosing, cfg.reuse)[1], cfg.reuse_next, memory.n_tokens)
+        keys, values = memory.fetch(layer, cand)  # cand: (Hkv, C) ascending, -1 last
+        state.candidates[layer] = (cand, keys.transpose(1, 2).contiguous(), torch.cat([keys, values], dim=-1),
+                                   bool((cand < 0).any()))
+    cand, keys_t, cand_kv, padded = state.candidates[layer]  # (Hkv, C), (Hkv, d, C), (Hkv, C, 2d)
+    d = queries.shape[-1]
+    scores = torch.bmm(queries, keys_t)  # (Hkv, M, C)
+    if padded:
+        scores = scores.masked_fill(cand[:, None, :] < 0, float("-inf"))
+    top, pick = scores.topk(min(cfg.top_k, cand.shape[1]), dim=-1)  # (Hkv, M, k)
+    pick = pick.sort(dim=-1).values  # reading order (candidates ascend), pads last
+    heads = torch.arange(cand.shape[0])[:, None, None]
+    ids = cand[heads, pick]
+    kv = cand_kv[heads, pick]  # (Hkv, M, k, 2d)
+    return ids, kv[..., :d], kv[..., d:], True, padded
 
 
 def _choose_blocks(state: _PortState, layer: int, q: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -186,6 +186,35 @@ class _Segment:
             self._texts = texts
         return self._texts
 
+    def key_bounds(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel key min and max of each block of this segment: two (L, n_blocks, H, d) arrays.
+
+        Derived data, cached beside the segment in ``bounds-b<size>.npy`` (not part of meta.json: a
+        missing or damaged file is just computed again). Keys are read with plain reads, not the
+        memory-map, so building the bounds of a large memory does not leave it resident.
+        """
+        from kvmap.stores.candidates import key_bounds
+
+        L, H, d = self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim
+        n_blocks = -(-self.n_tokens // block_size)
+        file = self.folder / f"bounds-b{block_size}.npy"
+        with contextlib.suppress(OSError, ValueError):
+            both = np.load(file, allow_pickle=False)
+            if both.shape == (2, L, n_blocks, H, d) and both.dtype == self.dtype:
+                return both[0], both[1]
+        both = np.empty((2, L, n_blocks, H, d), self.dtype)
+        for layer in range(L):
+            keys = np.fromfile(self.folder / f"k{layer:02d}.bin", dtype=self.dtype).reshape(self.n_tokens, H, d)
+            both[0, layer], both[1, layer] = key_bounds(keys, block_size)
+        tmp = file.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{file.name}")
+        try:  # write-then-rename; a read-only memory just keeps them in RAM
+            with open(tmp, "wb") as f:
+                np.save(f, both)
+            os.replace(tmp, file)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return both[0], both[1]
+
     def index(self, layer: int, kind: str, params: dict) -> KVIndex:
         """This segment's index for ``layer``, loaded on first use."""
         if layer not in self.indexes:
@@ -224,6 +253,7 @@ class Memory:
         self._exact: dict[tuple, KVIndex] = {}  # (layer, segments) -> RAM index (non-persistent kinds)
         self._offsets: np.ndarray | None = None
         self._block_means: dict[tuple[int, int], torch.Tensor] = {}
+        self._bounds: dict[int, tuple] = {}  # block_size -> lo, hi (L, H, n_blocks, d), starts, lengths
         self._refresh_bases()
 
     # -- construction ------------------------------------------------------------------------
@@ -426,6 +456,7 @@ class Memory:
         self._exact.clear()
         self._offsets = None
         self._block_means.clear()
+        self._bounds.clear()
         self._refresh_bases()
 
     def _refresh_bases(self) -> None:
@@ -483,6 +514,33 @@ class Memory:
             scores, pick = scores.topk(k, dim=-1)
             ids = ids.gather(-1, pick)
         return scores.to(device), ids.to(device)
+
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int,
+                        chunk: int = 1 << 15) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k like :meth:`search`, reading every key of ``layer`` once, a chunk at a time.
+
+        Needs no index and only a chunk's keys in RAM, whatever the memory's size (plain reads, not
+        the memory-map, so the keys do not stay resident). For a memory larger than RAM.
+        """
+        self._check_layer(layer)
+        H, d = self.layout.n_kv_heads, self.layout.head_dim
+        if queries.dim() != 3 or queries.shape[0] != H or queries.shape[2] != d:
+            raise InputError(f"queries must have shape ({H}, M, {d}), got {tuple(queries.shape)}")
+        q = queries.detach().to("cpu", torch.float32)
+        k = max(0, min(int(k), self.n_tokens))
+        best_s = torch.full((H, q.shape[1], k), float("-inf"))
+        best_i = torch.full((H, q.shape[1], k), -1, dtype=torch.int64)
+        row_bytes = H * d * np.dtype(self.dtype).itemsize
+        for seg, base in zip(self._segments, self._bases.tolist()):
+            with open(seg.folder / f"k{layer:02d}.bin", "rb") as f:
+                for start in range(0, seg.n_tokens, chunk):
+                    n = min(chunk, seg.n_tokens - start)
+                    raw = np.frombuffer(f.read(n * row_bytes), dtype=seg.dtype).reshape(n, H, d)
+                    scores = torch.einsum("hmd,nhd->hmn", q, torch.from_numpy(raw.astype(np.float32)))
+                    top_s, top_i = scores.topk(min(k, n), dim=-1)
+                    best_s, pick = torch.cat([best_s, top_s], dim=-1).topk(k, dim=-1)
+                    best_i = torch.cat([best_i, top_i + (base + start)], dim=-1).gather(-1, pick)
+        return best_s.to(queries.device), best_i.to(queries.device)
 
     def _exact_index(self, layer: int, chosen: tuple[int, ...]) -> KVIndex:
         """The RAM index over the chosen segments' keys of ``layer``, built on first use."""
@@ -569,6 +627,33 @@ class Memory:
             means = sums / counts[:, None, None]
             self._block_means[key] = torch.from_numpy(means).permute(1, 0, 2).contiguous()  # (H, n_blocks, d)
         return self._block_means[key]
+
+    def block_bounds(self, layer: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Key bounds of every block of ``block_size`` tokens, for picking reuse candidates by block (:mod:`kvmap.stores.candidates`).
+
+        Blocks never straddle segments (a segment's last block may be shorter). Returns lo, hi:
+        (H, n_blocks, d) float32; starts, lengths: (n_blocks,) int64 first global id and size of
+        each block. All layers' bounds are loaded on first use and kept (2 / block_size of the keys).
+        """
+        self._check_layer(layer)
+        if block_size <= 0:
+            raise InputError(f"block size must be positive, got {block_size}")
+        if block_size not in self._bounds:
+            parts = [seg.key_bounds(block_size) for seg in self._segments]
+            lo = np.concatenate([p[0] for p in parts], axis=1) if parts else np.zeros((self.layout.n_layers, 0, 1, 1))
+            hi = np.concatenate([p[1] for p in parts], axis=1) if parts else lo
+            starts, lengths = [], []
+            for seg, base in zip(self._segments, self._bases):
+                first = np.arange(0, seg.n_tokens, block_size)
+                starts.append(base + first)
+                lengths.append(np.minimum(block_size, seg.n_tokens - first))
+            self._bounds[block_size] = (
+                torch.from_numpy(lo).permute(0, 2, 1, 3), torch.from_numpy(hi).permute(0, 2, 1, 3),  # (L, H, B, d)
+                np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64),
+                np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64),
+            )
+        lo, hi, starts, lengths = self._bounds[block_size]
+        return lo[layer].float(), hi[layer].float(), starts, lengths
 
     def offsets(self, ids: torch.Tensor) -> torch.Tensor:
         """Token offset (int64) of each memory id, same shape; ``-1`` for id ``-1``."""

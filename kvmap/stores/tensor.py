@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from kvmap.errors import InputError
@@ -78,6 +79,15 @@ class TensorMemory:
         keys, _ = self._first(layer)
         chunks = keys.detach().float().split(block_size, dim=1)
         return torch.stack([c.mean(1) for c in chunks], dim=1)  # (H, n_blocks, d)
+
+    def block_bounds(self, layer: int, block_size: int):
+        """Per-channel key min/max of each block, as :meth:`kvmap.stores.Memory.block_bounds` returns them."""
+        keys, _ = self._first(layer)
+        chunks = keys.detach().float().split(block_size, dim=1)
+        lo = torch.stack([c.amin(1) for c in chunks], dim=1)  # (H, n_blocks, d)
+        hi = torch.stack([c.amax(1) for c in chunks], dim=1)
+        starts = np.arange(0, keys.shape[1], block_size, dtype=np.int64)
+        return lo, hi, starts, np.minimum(block_size, keys.shape[1] - starts)
 
     def offsets(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.clone()

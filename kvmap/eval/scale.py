@@ -1,0 +1,107 @@
+"""Passkey retrieval from a very large memory, with decode speed and peak RSS measured side by side.
+
+The haystack is a corpus memory (:mod:`kvmap.eval.corpus`, e.g. a million tokens of tales) built
+once. Each trial reads one needle document into it (a short passkey example: the task description,
+filler and the information line at the trial's depth), asks the question with the memory and
+without it (same prompt, same process, one after the other), then forgets the needle again. The
+needle is the memory's newest source; with memories placed by the query (``fixed``/``ordered``
+placement) where a memory sits in the folder does not change what the model sees.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+NEEDLE_PREFIX = "needle/"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_tokens: int = 256,
+                     seed: int = 0, max_new_tokens: int = 16, log_path=None, progress: bool = True) -> dict:
+    """Run ``trials`` passkey trials against the memory at ``memory_path`` (see module docstring).
+
+    Returns accuracy with and without memory, median decode ms/token of both and their ratio,
+    median prefill seconds, and the process's peak RSS. With ``log_path``, each trial is appended
+    to that JSONL file and trials already there are skipped (resumable).
+    """
+    from dataclasses import asdict
+
+    from tqdm.auto import tqdm
+
+    from kvmap.eval.passkey import depths, make_example, score
+    from kvmap.eval.stats import median, wilson
+    from kvmap.reader import ReaderConfig, read_into
+    from kvmap.stores import Memory
+    from kvmap.timing import timed_greedy
+
+    tok, port = lm.tokenizer, lm.port
+    memory = Memory.open(memory_path, expect_model_id=lm.model_id, expect_layout=port.layout, verify=False)
+    for source in [s["source"] for s in memory.sources() if s["source"].startswith(NEEDLE_PREFIX)]:
+        memory.forget(source)  # left by a killed run
+    haystack_tokens = memory.n_tokens
+    done = {}
+    if log_path is not None and Path(log_path).exists():
+        for line in Path(log_path).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip().endswith("}") else None
+            if row and row["haystack_tokens"] == haystack_tokens and row["seed"] == seed and row.get("config") == asdict(config):
+                done[row["trial"]] = row
+    rows = list(done.values())
+    rss_start = peak_rss_mb()
+    for i, depth in enumerate(tqdm(depths(trials), desc=f"passkey in {haystack_tokens} tokens", disable=not progress)):
+        if i in done:
+            continue
+        ex = make_example(tok, needle_tokens, depth, seed=seed * 100003 + i)
+        source = f"{NEEDLE_PREFIX}{i}"
+        read_into(port, tok, memory, source, [ex.context], ReaderConfig(), progress=False)
+        memory_tokens = memory.n_tokens
+        try:
+            prompt = tok(ex.instruction + "\n" + ex.question, add_special_tokens=False)["input_ids"]
+            began = time.perf_counter()
+            with_memory = timed_greedy(port, tok, prompt, max_new_tokens, memory, config)
+            answer_s = time.perf_counter() - began
+            without = timed_greedy(port, tok, prompt, max_new_tokens)
+        finally:
+            memory.forget(source)
+        row = {"trial": i, "seed": seed, "depth": depth, "passkey": ex.passkey, "haystack_tokens": haystack_tokens,
+               "config": asdict(config),
+               "memory_tokens": memory_tokens,
+               "kvmap": {"output": with_memory.text, "correct": score(with_memory.text, ex.passkey),
+                         "decode_ms": with_memory.decode_ms_per_token, "prefill_s": with_memory.prefill_s,
+                         "answer_s": answer_s},
+               "none": {"output": without.text, "correct": score(without.text, ex.passkey),
+                        "decode_ms": without.decode_ms_per_token, "prefill_s": without.prefill_s}}
+        rows.append(row)
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def acc(method: str) -> dict:
+        correct = sum(r[method]["correct"] for r in rows)
+        lo, hi = wilson(correct, len(rows))
+        return {"accuracy": correct / max(1, len(rows)), "correct": correct, "n": len(rows), "ci95": [lo, hi]}
+
+    ratios = [r["kvmap"]["decode_ms"] / r["none"]["decode_ms"] for r in rows]
+    return {
+        "task": "passkey-scale", "model": lm.model_id, "memory": str(memory_path), "haystack_tokens": haystack_tokens,
+        "trials": len(rows), "seed": seed, "needle_tokens": needle_tokens, "config": asdict(config),
+        "disk_bytes_per_token": _disk_bytes(Path(memory_path)) / max(1, haystack_tokens),
+        "methods": {"kvmap": acc("kvmap"), "none": acc("none")},
+        "speed": {"decode_ms_memory": median([r["kvmap"]["decode_ms"] for r in rows]),
+                  "decode_ms_no_memory": median([r["none"]["decode_ms"] for r in rows]),
+                  "decode_ratio": median(ratios),
+                  "prefill_s_memory": median([r["kvmap"]["prefill_s"] for r in rows]),
+                  "prefill_s_no_memory": median([r["none"]["prefill_s"] for r in rows])},
+        "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_before_trials": rss_start,
+        "examples": sorted(rows, key=lambda r: r["trial"]),
+    }
+
+
+def _disk_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (K/V, tokens, texts, bound caches)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,119 @@
+"""Retrieval reuse: candidates picked once (streamed exact search or block key bounds), top-k among them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvmap.models.llama import LlamaMemoryPort
+from kvmap.ports import ImportConfig
+from kvmap.stores import Memory
+from kvmap.stores.candidates import block_token_ids, candidate_blocks, key_bounds, union_ids, upper_bounds
+from tests.conftest import tiny_llama
+
+
+def _two_segment_memory(tmp_path, sizes=(45, 30)) -> tuple[Memory, LlamaMemoryPort]:
+    port = LlamaMemoryPort(tiny_llama(), model_id="tiny")
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    L, H, d = port.layout.n_layers, port.layout.n_kv_heads, port.layout.head_dim
+    for i, n in enumerate(sizes):
+        with memory.writer(f"s{i}") as w:
+            w.append(torch.randn(L, H, n, d, generator=g), torch.randn(L, H, n, d, generator=g),
+                     np.arange(n), np.zeros(n, int), np.arange(n), ["x"] * n)
+    return memory, port
+
+
+def test_key_bounds_bound_every_score_of_their_block():
+    keys = np.random.default_rng(0).standard_normal((70, 2, 8)).astype(np.float16)
+    lo, hi = key_bounds(keys, 16)
+    assert lo.shape == (5, 2, 8)  # 4 full blocks and a short one of 6 tokens
+    np.testing.assert_array_equal(lo[4], keys[64:].min(0))
+    np.testing.assert_array_equal(hi[1], keys[16:32].max(0))
+    q = torch.randn(2, 5, 8)
+    bound = upper_bounds(q, torch.from_numpy(lo).float().transpose(0, 1), torch.from_numpy(hi).float().transpose(0, 1))
+    scores = torch.einsum("hmd,nhd->hmn", q, torch.from_numpy(keys).float())  # (H, M, 70)
+    best = torch.stack([scores[..., b * 16:(b + 1) * 16].amax(-1) for b in range(5)], -1)
+    assert (bound >= best - 1e-4).all()
+
+
+def test_candidates_include_every_querys_best_block_first():
+    lo = torch.randn(1, 50, 4)
+    hi = lo + torch.rand(1, 50, 4)
+    q = torch.randn(1, 6, 4)
+    best = upper_bounds(q, lo, hi).argmax(-1)[0]  # each query's top block
+    picked = candidate_blocks(q, lo, hi, budget=6)[0]
+    assert set(best.tolist()) <= set(picked.tolist()) and len(picked) <= 6
+    ids = block_token_ids([torch.tensor([0, 2]), torch.tensor([0, 1])], np.array([0, 4, 8]), np.array([4, 4, 3]), 4)
+    assert ids.tolist() == [[0, 1, 2, 3, 8, 9, 10, -1], [0, 1, 2, 3, 4, 5, 6, 7]]
+
+
+def test_memory_block_bounds_stay_inside_segments_and_are_cached(tmp_path):
+    memory, _ = _two_segment_memory(tmp_path)
+    lo, hi, starts, lengths = memory.block_bounds(1, 16)
+    assert starts.tolist() == [0, 16, 32, 45, 61] and lengths.tolist() == [16, 16, 13, 16, 14]
+    keys = memory.fetch(1, torch.arange(45, 61).expand(memory.layout.n_kv_heads, -1))[0]  # (H, 16, d)
+    torch.testing.assert_close(hi[:, 3], keys.amax(1))
+    files = sorted(p.name for p in (tmp_path / "m" / "segments").glob("*/bounds-b16.npy"))
+    assert len(files) == 2
+    # a damaged cache file is computed again, not trusted
+    next((tmp_path / "m" / "segments").glob("*/bounds-b16.npy")).write_bytes(b"junk")
+    again = Memory.open(tmp_path / "m")
+    torch.testing.assert_close(again.block_bounds(1, 16)[1], hi)
+
+
+def test_streamed_search_equals_the_exact_store(tmp_path):
+    memory, _ = _two_segment_memory(tmp_path)
+    q = torch.randn(memory.layout.n_kv_heads, 7, memory.layout.head_dim)
+    want_s, want_i = memory.search(1, q, 9)
+    got_s, got_i = memory.search_streamed(1, q, 9, chunk=10)  # chunks and segments both split the keys
+    torch.testing.assert_close(got_s, want_s)
+    assert torch.equal(got_i, want_i)
+    assert union_ids(torch.tensor([[[3, 1], [1, -1]], [[2, 2], [5, 0]]])).tolist() == [[1, 3, -1], [0, 2, 5]]
+
+
+def test_reuse_on_the_prompt_equals_searching_every_time(tmp_path):
+    """On the forward that picks them, candidates hold every query's top-k: the output is exact search's."""
+    memory, port = _two_segment_memory(tmp_path)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with port.importing(memory, ImportConfig(top_k=8)):
+            exact = port.model(ids).logits
+        with port.importing(memory, ImportConfig(top_k=8, reuse=8)):
+            reused = port.model(ids).logits
+        with port.importing(memory, ImportConfig(top_k=8, reuse=8, reuse_blocks=100, reuse_block_size=16)):
+            every_block = port.model(ids).logits
+        with port.importing(memory, ImportConfig(top_k=8, reuse=8, reuse_blocks=1, reuse_block_size=16)):
+            one_block = port.model(ids).logits
+    torch.testing.assert_close(reused, exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(every_block, exact, atol=1e-5, rtol=1e-5)
+    assert (one_block - exact).abs().max() > 1e-3  # one block of 16 cannot hold every query's top 8
+
+
+def test_candidates_are_picked_once_and_reused_while_decoding(tmp_path):
+    memory, port = _two_segment_memory(tmp_path)
+    calls = []
+    real = memory.block_bounds
+    memory.block_bounds = lambda *a: calls.append(a) or real(*a)
+    model = port.model
+    streamed = []
+    memory.search_streamed = lambda *a: streamed.append(a) or Memory.search_streamed(memory, *a)
+    for config in (ImportConfig(reuse=4, reuse_blocks=2, reuse_block_size=16), ImportConfig(reuse=4)):
+        with torch.no_grad(), port.importing(memory, config):
+            out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
+            model(torch.tensor([[4]]), cache=out.cache, use_cache=True)
+    # once per layer, at the first forward: bounds for the first config, a streamed search for the second
+    assert len(calls) == len(streamed) == port.layout.n_layers
+
+
+def test_decode_fast_path_equals_the_general_path(tmp_path, monkeypatch):
+    """A decoded token among reused candidates: the few-ops path gives the general path's logits."""
+    import kvmap.models.llama as llama
+
+    memory, port = _two_segment_memory(tmp_path)
+    outs = []
+    for fast in (True, False):
+        monkeypatch.setattr(llama, "FAST_DECODE", fast)
+        with torch.no_grad(), port.importing(memory, ImportConfig(top_k=8, reuse=6, reuse_next=2)):
+            out = port.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
+            outs.append(port.model(torch.tensor([[5]]), cache=out.cache, use_cache=True).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
