@@ -110,6 +110,7 @@ def test_any_local_checkpoint_folder_loads_by_path(lm, tmp_path):
 def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tmp_path):
     """`kvmap bench scale` in small: a filler corpus memory, built in two calls, then passkey trials
     with retrieval reuse; every needle is forgotten again."""
+    from kvmap.errors import InputError
     from kvmap.eval.corpus import build_corpus_memory
     from kvmap.eval.scale import passkey_at_scale
     from kvmap.ports import ImportConfig
@@ -120,6 +121,8 @@ def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tm
     second = build_corpus_memory(lm, path, 2000, part_tokens=512, corpus="filler", progress=False)
     assert first["parts_read"] == 2 and second["parts_read"] == 2  # the second call reads only what is missing
     assert build_corpus_memory(lm, path, 2000, part_tokens=512, corpus="filler", progress=False)["parts_read"] == 0
+    with pytest.raises(InputError, match="holds other sources"):  # never mixes a corpus into other sources
+        build_corpus_memory(lm, path, 2000, corpus="tales", progress=False)
     before = Memory.open(path).n_tokens
     result = passkey_at_scale(lm, path, 2, ImportConfig(reuse=64), needle_tokens=200, progress=False,
                               log_path=tmp_path / "log.jsonl")

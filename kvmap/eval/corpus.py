@@ -86,9 +86,15 @@ def build_corpus_memory(lm, path: str | Path, target_tokens: int, part_tokens: i
     from kvmap.stores import Memory
 
     reader_config = reader_config or ReaderConfig()
+    from kvmap.errors import InputError
+
     memory = Memory.open_or_create(path, lm.model_id, lm.port.layout)
     lm.port.check_memory(memory)
     done = {s["source"] for s in memory.sources()}
+    foreign = sorted(s for s in done if not s.startswith(f"{corpus}/") and not s.startswith("needle/"))
+    if foreign:  # never add a corpus to a memory that holds the user's own sources
+        raise InputError(f"memory {path} holds other sources ({foreign[0]!r}, ...), not only the {corpus} corpus; "
+                         "give a new --memory folder")
     parts = corpus_parts(lm.tokenizer, target_tokens, part_tokens, corpus)
     todo = [p for p in parts if p.source not in done]
     read_tokens, began = 0, time.perf_counter()
