@@ -65,7 +65,7 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 # Scale (issue 5): passkey by memory size, memory vs none in the same run (decode ms/token, ingest
 # tok/s, peak RSS, disk bytes/token), searching at every forward (`kvmap`) and with retrieval reuse
 # (`kvmap:reuse=64`); a 1M-token memory (23 GB on disk, about 35-60 min to build, resumable); recall@k
-# of store settings and of reuse on real K/V; the sharded store's overhead. About 3 h on this CPU.
+# of store settings and of reuse on real K/V; the sharded store's overhead. About 5 h on this CPU.
 SCALE_DIR := $(HOME)/.cache/kvmap/scale
 bench-scale: $(STAMP)
 	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
