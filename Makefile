@@ -65,7 +65,8 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 # Scale (issue 5): passkey by memory size, memory vs none in the same run (decode ms/token, ingest
 # tok/s, peak RSS, disk bytes/token), searching at every forward (`kvmap`) and with retrieval reuse
 # (`kvmap:reuse=64`); a 1M-token memory (23 GB on disk, about 35-60 min to build, resumable); recall@k
-# of store settings and of reuse on real K/V; the sharded store's overhead. About 5 h on this CPU.
+# of store settings and of reuse on real K/V; the sharded store's overhead; the decode path's own cost;
+# which layers passkey needs. About 5 h on this CPU.
 SCALE_DIR := $(HOME)/.cache/kvmap/scale
 bench-scale: $(STAMP)
 	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
@@ -80,6 +81,8 @@ bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/quantization_cost.py --memory $(SCALE_DIR)/tales-1m
 	$(BIN)/python benchmarks/recall_real_kv.py
 	$(BIN)/python benchmarks/sharded_latency.py
+	$(BIN)/python benchmarks/decode_overhead.py
+	$(BIN)/python benchmarks/layer_subsets.py
 	$(MAKE) report
 
 bench-full: $(STAMP)

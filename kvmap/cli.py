@@ -23,7 +23,14 @@ def _import_config(args):
     from kvmap.ports import ImportConfig
 
     return ImportConfig(top_k=args.top_k, distance=args.distance, placement=args.placement,
-                        reuse=getattr(args, "reuse", 0))
+                        reuse=getattr(args, "reuse", 0), layers=_layers(args))
+
+
+def _layers(args) -> tuple[int, ...] | None:
+    """``--layers`` parsed (None: every layer imports)."""
+    from kvmap.ports import parse_layers
+
+    return parse_layers(args.layers) if getattr(args, "layers", None) else None
 
 
 def _load(model: str | None):
@@ -213,7 +220,7 @@ def cmd_bench_scale(args) -> int:
           + (f"; read {build['tokens_read']} tokens at {build['ingest_tok_s']:.0f} tok/s" if build["parts_read"] else ""))
     if args.build_only:
         return 0
-    config = ImportConfig(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next)
+    config = ImportConfig(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next, layers=_layers(args))
     result = passkey_at_scale(lm, memory, args.trials, config, seed=args.seed, log_path=out / "trials.jsonl",
                               progress=not args.quiet)
     result["built_in_this_process"] = bool(build["parts_read"])  # then peak RSS includes the build
@@ -323,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="search the memory once, for the prompt (this many candidates per query, streamed "
                              "from disk), and decode among those candidates: for memories too large to search "
                              "per token, e.g. 64 (default 0: search at every token)")
+        sp.add_argument("--layers", help="layers that import memories, e.g. 0-14, 0-28/2 or 3+7+20-29 (default: all)")
 
     r = sub.add_parser("remember", help="read text files into a memory folder")
     r.add_argument("files", nargs="+", help="UTF-8 text files ('-' reads standard input)")
@@ -419,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--reuse-next", type=int, default=8,
                     help="also keep the 8 memories after each candidate (what followed a match, e.g. a passkey's digits)")
     sc.add_argument("--top-k", type=int, default=16)
+    sc.add_argument("--layers", help="layers that import memories, e.g. 0-28/2 (default: all 30)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--model")
     sc.add_argument("--out", help="run folder (runs/scale/CORPUS-SIZE): passkey-scale.json, trials.jsonl (resumable), build.jsonl")

@@ -99,6 +99,34 @@ class ImportConfig:
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"0-14"``, ``"0-28/2"`` (every second), ``"3+7+20-29"`` -> the sorted layer indices (InputError if malformed)."""
+    from kvmap.errors import InputError
+
+    layers: set[int] = set()
+    try:
+        for part in text.split("+"):
+            span, _, step = part.partition("/")
+            a, dash, b = span.partition("-")
+            layers.update(range(int(a), int(b) + 1, int(step or 1)) if dash else [int(a)])
+    except ValueError:
+        raise InputError(f"layers '{text}' is not a layer list; write e.g. 0-14, 0-28/2 or 3+7+20-29") from None
+    if not layers:
+        raise InputError(f"layers '{text}' names no layer; write e.g. 0-14, 0-28/2 or 3+7+20-29")
+    return tuple(sorted(layers))
+
+
+def format_layers(layers: tuple[int, ...] | None) -> str:
+    """Inverse of :func:`parse_layers` for display: ``(0, 2, ..., 28)`` -> ``"0-28/2"``; ``None`` -> ``"all"``."""
+    if layers is None:
+        return "all"
+    steps = {b - a for a, b in zip(layers, layers[1:])}
+    if len(layers) > 2 and len(steps) == 1:
+        step = steps.pop()
+        return f"{layers[0]}-{layers[-1]}" + (f"/{step}" if step > 1 else "")
+    return "+".join(str(x) for x in layers)
+
+
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``recorder(layer, keys, values)`` with pre-RoPE keys and values of the new tokens,
 each of shape (B, n_kv_heads, T, head_dim)."""

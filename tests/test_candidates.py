@@ -1,6 +1,8 @@
 """Retrieval reuse: candidates picked once (streamed exact search or block key bounds), top-k among them."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 
@@ -106,14 +108,36 @@ def test_candidates_are_picked_once_and_reused_while_decoding(tmp_path):
 
 
 def test_decode_fast_path_equals_the_general_path(tmp_path, monkeypatch):
-    """A decoded token among reused candidates: the few-ops path gives the general path's logits."""
+    """A decoded token among reused candidates: the fused C kernel and the few-ops PyTorch path both
+    give the general path's logits and take the same memories (padded candidates included)."""
     import kvmap.models.llama as llama
+    from kvmap.models import kernel
 
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert kernel.decode_kernel() is not None, "a C compiler is on PATH, so the decode kernel should build"
     memory, port = _two_segment_memory(tmp_path)
-    outs = []
-    for fast in (True, False):
-        monkeypatch.setattr(llama, "FAST_DECODE", fast)
-        with torch.no_grad(), port.importing(memory, ImportConfig(top_k=8, reuse=6, reuse_next=2)):
-            out = port.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
-            outs.append(port.model(torch.tensor([[5]]), cache=out.cache, use_cache=True).logits)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    logits, taken = {}, {}
+    for path in ("kernel", "torch", "general"):
+        monkeypatch.setattr(llama, "FAST_DECODE", path != "general")
+        if path == "torch":
+            monkeypatch.setattr(kernel, "decode_kernel", lambda: None)
+        for reuse, nxt in ((6, 2), (1, 0)):  # (1, 0): fewer distinct candidates than top_k, so padding
+            with torch.no_grad(), port.importing(memory, ImportConfig(top_k=8, reuse=reuse, reuse_next=nxt)) as trace:
+                out = port.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
+                before = dict(trace.hits)
+                logits[path, reuse] = port.model(torch.tensor([[5]]), cache=out.cache, use_cache=True).logits
+                taken[path, reuse] = {i: n - before.get(i, 0) for i, n in trace.hits.items() if n != before.get(i, 0)}
+    for reuse in (6, 1):
+        for path in ("kernel", "torch"):
+            torch.testing.assert_close(logits[path, reuse], logits["general", reuse], atol=1e-5, rtol=1e-5)
+            assert taken[path, reuse] == taken["general", reuse]
+
+
+def test_key_panels_are_float16_only_where_that_is_exact():
+    from kvmap.models.kernel import PANEL, key_panels
+
+    keys = torch.randn(2, 13, 16)
+    panels = key_panels(keys)
+    assert panels.dtype == torch.float32 and panels.shape == (2, 2, 16, PANEL)
+    assert torch.equal(panels[1, 1, :, 4], keys[1, 12]) and not panels[:, 1, :, 5:].any()  # zero padding
+    assert key_panels(keys.half().float()).dtype == torch.float16  # keys stored as float16: exact

@@ -8,15 +8,18 @@ import pytest
 from kvmap.errors import InputError
 from kvmap.eval.methods import METHODS, import_config, parse_method
 from kvmap.eval.scoring import score
+from kvmap.ports import format_layers, parse_layers
 
 
 def test_method_names_and_options():
     assert parse_method("kvmap-block:n_blocks=16:neighbours=1") == ("kvmap-block", {"n_blocks": 16, "neighbours": 1})
     assert parse_method("kvmap:layers=0-2") == ("kvmap", {"layers": (0, 1, 2)})
+    assert parse_method("kvmap:layers=0-8/4+9") == ("kvmap", {"layers": (0, 4, 8, 9)})
     assert import_config("kvmap-block").block_size == 64
     assert import_config("kvmap-fixed:distance=64").placement == "fixed"
     assert parse_method("rag-bm25:budget=512") == ("rag-bm25", {"budget": 512})
-    for bad in ("nope", "kvmap:colour=3", "oracle:budget=3", "truncate:x"):
+    assert format_layers(parse_layers("0-28/2")) == "0-28/2" and format_layers(None) == "all"
+    for bad in ("nope", "kvmap:colour=3", "oracle:budget=3", "truncate:x", "kvmap:layers=a-b", "kvmap:layers=5-1"):
         with pytest.raises(InputError):
             parse_method(bad)
 

@@ -29,7 +29,7 @@ from kvmap.answer import chat_parts, context_prompt, continue_greedy
 from kvmap.errors import InputError
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
-from kvmap.ports import ImportConfig
+from kvmap.ports import ImportConfig, parse_layers
 
 BASELINES = ("oracle", "none", "full", "truncate", "streaming", "yarn", "rag-bm25", "rag-embed")
 KVMAP_PRESETS = {
@@ -70,9 +70,8 @@ def parse_method(name: str) -> tuple[str, dict]:
         if not eq or key not in allowed | ({"layers"} if base in KVMAP_PRESETS else set()):
             raise InputError(f"method '{name}': unknown option '{opt}'; "
                              f"options of {base}: {', '.join(sorted(allowed)) or 'none'}")
-        if key == "layers":  # e.g. layers=0-14 or layers=3+7+9
-            a, dash, b = value.partition("-")
-            options[key] = tuple(range(int(a), int(b) + 1)) if dash else tuple(int(x) for x in value.split("+"))
+        if key == "layers":  # e.g. layers=0-14, layers=0-28/2 or layers=3+7+9
+            options[key] = parse_layers(value)
         else:
             options[key] = value if key == "placement" else int(value)
     return base, options

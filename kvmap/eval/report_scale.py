@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvmap.ports import format_layers
+
 
 def scale_section(folder: Path, out_dir: Path) -> list[str]:
     """Recall@k of each store setting on real K/V (table and plot) and the sharded store's overhead."""
@@ -20,9 +22,9 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                   "memories after each candidate. 1k–100k: `kvmap eval passkey-grid` (one haystack per trial, "
                   "read in that trial; peak RSS includes the runner's chunk cache of up to 4 GB); 1M: `kvmap "
                   "bench scale` (one filler memory built once, a needle document added and forgotten per trial). "
-                  "The `kvmap:reuse=64` rows at 1k–100k shared the two cores with the 1M build and ran before the "
-                  "few-ops decode path; the 1M rows ran alone, `reuse=64` before that path, `reuse_next=8` with "
-                  "it. Ratio: median decode time with memory over median without.", "",
+                  "The `reuse=64:reuse_next=8` rows ran alone on the two cores and decode with the fused C "
+                  "kernel (`kvmap/models/decode_step.c`); the 1M `reuse=64` row ran before it, on the PyTorch "
+                  "path. Ratio: median decode time with memory over median without.", "",
                   "| memory tokens | method | passkey | decode ms/token, memory | no memory | ratio | first forward s "
                   "| ingest tok/s | peak RSS GiB | disk KiB/token |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -42,15 +44,13 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                 lines.append(f"| {path.parent.name} | {b['n_tokens']:,} | {b['tokens_read']:,} | {b['seconds'] / 60:.1f} | "
                              f"{b['ingest_tok_s']:.0f} | {b.get('note', '')} |")
         lines.append("")
-    overhead = folder / "decode_overhead.json"
-    if overhead.exists():
-        r = json.loads(overhead.read_text())
+    r = _read(folder, "decode_overhead.json")
+    if r is not None:
         lines += [f"Decode cost of the memory path itself (`benchmarks/decode_overhead.py`, a {r['settings']['memory_tokens']}"
                   f"-token memory, {r['settings']['config']}): {r['decode_ms_memory']:.1f} vs {r['decode_ms_no_memory']:.1f} "
                   f"ms/token without memory ({r['ratio']:.2f}×), median of {r['settings']['rounds']} alternating rounds.", ""]
-    reuse = folder / "recall_reuse.json"
-    if reuse.exists():
-        r = json.loads(reuse.read_text())
+    r = _read(folder, "recall_reuse.json")
+    if r is not None:
         s = r["settings"]
         lines += [f"Recall@{s['k']} of retrieval reuse against exact search over the whole memory, on SmolLM2's "
                   f"real K/V ({s['n_tokens']:,} tokens of tales), through the real import path "
@@ -65,9 +65,8 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
             lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | {x['candidates_per_head']:.0f} | "
                          f"{x['prompt_s']:.1f} |")
         lines.append("")
-    quant = folder / "quantization.json"
-    if quant.exists():
-        r = json.loads(quant.read_text())
+    r = _read(folder, "quantization.json")
+    if r is not None:
         s, b = r["settings"], r["bytes_per_token"]
         lines += [f"Compact storage: float16 K/V take {b['float16'] / 1024:.1f} KiB per token. Int8 with per-channel "
                   f"scales (per segment, KV head and channel) would take {b['int8'] / 1024:.1f} KiB; on "
@@ -76,9 +75,8 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                   + ", ".join(f"{x['layer']}: {x['recall_int8_vs_fp16']:.2f}" for x in r["rows"])
                   + f") and changes the memory part of attention by {r['median_output_error']:.1%} (median relative "
                   "error), `benchmarks/quantization_cost.py`. Memories stay float16.", ""]
-    recall = folder / "recall.json"
-    if recall.exists():
-        r = json.loads(recall.read_text())
+    r = _read(folder, "recall.json")
+    if r is not None:
         s = r["settings"]
         lines += [f"Recall@{s['k']} against exact search on SmolLM2's real K/V ({s['n_tokens']} tokens of tales) "
                   f"with the rotated queries the import searches with ({s['questions']} FairytaleQA questions), "
@@ -91,9 +89,17 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
         plot = out_dir / "results_recall.png"
         plot_recall(r, plot)
         lines += ["", f"![recall vs search time]({plot.name})", ""]
-    latency = folder / "sharded-latency.json"
-    if latency.exists():
-        r = json.loads(latency.read_text())
+    r = _read(folder, "layer_subsets.json")
+    if r is not None:
+        s = r["settings"]
+        lines += [f"Importing into fewer layers would cut decode cost in proportion, so we asked which layers passkey "
+                  f"retrieval needs: {s['trials']} passkey documents of {s['length']:,} tokens, each read into a memory "
+                  f"and asked with `{s['config']}` importing into only these layers (`benchmarks/layer_subsets.py`):", "",
+                  "| layers | passkey |", "|---|---|"]
+        lines += [f"| {name} | {correct}/{s['trials']} |" for name, correct in r["correct"].items()]
+        lines.append("")
+    r = _read(folder, "sharded-latency.json")
+    if r is not None:
         s = r["settings"]
         lines += [f"Ray-sharded store against the single-process store, one layer's search, {s['tokens']} tokens in "
                   f"{s['segments']} segments, {s['shards']} shards, {s['store']} store, k={s['k']}, median of "
@@ -103,6 +109,12 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                   f"{x['ratio']:.2f}× |" for x in r["layer_search"]]
         lines.append("")
     return lines
+
+
+def _read(folder: Path, name: str) -> dict | None:
+    """The JSON file ``folder/name``, or None if that benchmark has not run."""
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _fmt(value, spec: str) -> str:
@@ -131,8 +143,9 @@ def size_rows(folder: Path) -> list[dict]:
             if (result.parent / "build.jsonl").exists() else []
         read, seconds = sum(b["tokens_read"] for b in builds), sum(b["seconds"] for b in builds)
         k = r["methods"]["kvmap"]
-        nxt = r["config"].get("reuse_next", 0)
-        method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "")
+        nxt, layers = r["config"].get("reuse_next", 0), r["config"].get("layers")
+        method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "") \
+            + (f":layers={format_layers(tuple(layers))}" if layers else "")
         rows.append({"tokens": r["haystack_tokens"], "method": f"{method} ({r['corpus']})",
                      "correct": k["correct"], "n": k["n"], "decode_ms": r["speed"]["decode_ms_memory"],
                      "decode_ms_none": r["speed"]["decode_ms_no_memory"], "first_s": r["speed"]["prefill_s_memory"],

@@ -36,6 +36,7 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
 
     from kvmap.eval.passkey import depths, make_example, score
     from kvmap.eval.stats import median, wilson
+    from kvmap.models.kernel import decode_kernel
     from kvmap.reader import ReaderConfig, read_into
     from kvmap.stores import Memory
     from kvmap.timing import timed_greedy
@@ -97,6 +98,7 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
                   "decode_ratio": decode_memory / decode_none,  # ratio of medians, as RESULTS.md shows it
                   "prefill_s_memory": median([r["kvmap"]["prefill_s"] for r in rows]),
                   "prefill_s_no_memory": median([r["none"]["prefill_s"] for r in rows])},
+        "decode_path": "fused C kernel" if decode_kernel() is not None else "PyTorch",
         "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_before_trials": rss_start,
         "examples": sorted(rows, key=lambda r: r["trial"]),
     }

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kvmap.errors import KVMapError, MemoryFormatError
+from kvmap.models import kernel
 from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, Recorder, attached_forwards
 from kvmap.rope import cos_sin, rotate
 
@@ -34,12 +35,13 @@ class _PortState:
     age_cos_sin: dict = field(default_factory=dict)
     """(k, dtype) -> cos, sin of shape (k, head_dim) at positions 0, -1, ..., -(k-1) (ordered placement)."""
     rotations: dict = field(default_factory=dict)
-    """Rotation matrices cached by :func:`_rotation`."""
+    """Rotation matrices cached by :func:`_rotation` (and small constants of :func:`_constant`)."""
     query_cos_sin: dict = field(default_factory=dict)
     """(dtype) -> cos, sin of shape (head_dim,) at position ``config.distance``."""
     candidates: dict = field(default_factory=dict)
-    """Retrieval reuse: layer -> (ids (Hkv, C), keys transposed (Hkv, d, C), keys and values (Hkv, C, 2d),
-    any padding), the candidate tokens the first forward picked, kept for the rest of the block."""
+    """Retrieval reuse: layer -> (ids (Hkv, C), keys (Hkv, C, d), the keys as the C kernel's panels
+    (:func:`kvmap.models.kernel.key_panels`), values (Hkv, C, d), any padding): the candidate tokens the
+    first forward picked, kept for the rest of the block."""
     blocks: dict = field(default_factory=dict)
     """Block retrieval: layer -> (keys, values), each (Hkv, M, d), the chosen blocks' tokens, already
     rotated to their placement (chosen at the first forward, kept for the rest of the block)."""
@@ -140,30 +142,61 @@ def _decode_among_candidates(state: _PortState, layer: int, q: torch.Tensor, q_r
                              k_all: torch.Tensor, v_all: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`_attend_with_memory` for one decoded token with reused candidates and ordered placement.
 
-    The same result in fewer tensor operations (each costs tens of microseconds on a CPU, 30 layers a
-    token): one matmul rotates the pre-RoPE queries to every memory slot's position at once.
+    The same result with far fewer tensor operations (each costs tens of microseconds on a CPU, 30
+    layers a token): one matmul rotates (and scales) the pre-RoPE queries to every memory slot's
+    position at once; the rest is one call of the fused C kernel (:mod:`kvmap.models.kernel`), or,
+    where that cannot be built, a short PyTorch sequence.
     """
-    cand, keys_t, cand_kv, padded = state.candidates[layer]  # (Hkv, C), (Hkv, d, C), (Hkv, C, 2d)
-    n_kv, d, n_cand = keys_t.shape
+    cand, keys, panels, values, padded = state.candidates[layer]  # (Hkv, C), (Hkv, C, d), panels, (Hkv, C, d)
+    n_kv, n_cand, d = keys.shape
     k = min(state.config.top_k, n_cand)
     r = q.shape[1] // n_kv
-    # (Hkv, r, k, d): slot j holds the query rotated to distance + k-1-j; the last slot is the search query.
-    per_slot = torch.matmul(q[0, :, 0].view(n_kv, r, d), _rotation(state, ("query-slots", k), q.dtype)).view(n_kv, r, k, d)
-    scores = torch.bmm(per_slot[:, :, -1], keys_t)  # (Hkv, r, C)
+    # (Hkv, r, k, d): slot j holds the query rotated to distance + k-1-j, times the softmax scale;
+    # the last slot is the search query.
+    rotation = _rotation(state, ("query-slots", k, scale), q.dtype)
+    per_slot = torch.matmul(q[0, :, 0].view(n_kv, r, d), rotation).view(n_kv, r, k, d)
+    q_local = q_rot[0, :, 0].reshape(n_kv, r, d)
+    fused = kernel.decode_kernel() if q.dtype == torch.float32 and q.device.type == "cpu" else None
+    if fused is not None:
+        out, ids = kernel.decode_step(fused, per_slot, keys, panels, values, cand, q_local.contiguous(),
+                                      k_all[0].contiguous(), v_all[0].contiguous(), scale)
+        state.trace.record(ids)
+        return out.view(1, 1, n_kv * r, d)
+
+    scores = torch.bmm(per_slot[:, :, -1], keys.transpose(1, 2))  # (Hkv, r, C)
     if padded:
         scores = scores.masked_fill(cand[:, None, :] < 0, float("-inf"))
     pick = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # reading order: slot j is k-1-j places old
-    heads = torch.arange(n_kv)[:, None, None]
-    ids = cand[heads, pick]  # (Hkv, r, k)
-    kv = cand_kv[heads, pick]  # (Hkv, r, k, 2d)
-    mem_logits = (per_slot * kv[..., :d]).sum(-1)  # (Hkv, r, k)
+    ids, mem_k, mem_v = _gather(state, cand, keys, values, pick)
+    mem_logits = (per_slot * mem_k).sum(-1)  # (Hkv, r, k), scaled
     if padded:
         mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
-    local = torch.bmm(q_rot[0, :, 0].view(n_kv, r, d), k_all[0].transpose(1, 2))  # (Hkv, r, S)
+    zero = _constant(state, ("zero", q.dtype), lambda: q.new_zeros(1, 1, 1))  # baddbmm's input; beta=0 ignores it
+    local = torch.baddbmm(zero, q_local, k_all[0].transpose(1, 2), beta=0, alpha=scale)
     state.trace.record(ids)
-    probs = torch.softmax(torch.cat([mem_logits, local], dim=-1) * scale, dim=-1)
-    out = torch.matmul(probs[..., None, :k], kv[..., d:])[..., 0, :] + torch.bmm(probs[..., k:], v_all[0])  # (Hkv, r, d)
+    probs = torch.softmax(torch.cat([mem_logits, local], dim=-1), dim=-1)  # (Hkv, r, k + S)
+    from_memory = torch.matmul(probs[..., None, :k], mem_v)[..., 0, :]  # (Hkv, r, d)
+    out = torch.baddbmm(from_memory, probs[..., k:], v_all[0])
     return out.reshape(1, 1, n_kv * r, d)  # (1, T, Hq, d)
+
+
+def _gather(state: _PortState, cand: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids (Hkv, M, k), keys and values (Hkv, M, k, d) of candidates ``pick`` (Hkv, M, k), by flat
+    ``index_select`` (several times cheaper on a CPU than advanced indexing)."""
+    n_kv, n_cand, d = keys.shape
+    offsets = _constant(state, ("head-offsets", n_kv, n_cand), lambda: (torch.arange(n_kv) * n_cand)[:, None, None])
+    rows = (pick + offsets).view(-1)  # into the (Hkv*C) flattened candidates
+    shape = pick.shape
+    return (cand.view(-1).index_select(0, rows).view(shape), keys.view(-1, d).index_select(0, rows).view(*shape, d),
+            values.view(-1, d).index_select(0, rows).view(*shape, d))
+
+
+def _constant(state: _PortState, key, make) -> torch.Tensor:
+    """A small tensor built once per attach (``make()``) and kept in ``state.rotations`` under ``key``."""
+    if key not in state.rotations:
+        state.rotations[key] = make()
+    return state.rotations[key]
 
 
 def _rotation(state: _PortState, what, dtype: torch.dtype) -> torch.Tensor:
@@ -171,15 +204,16 @@ def _rotation(state: _PortState, what, dtype: torch.dtype) -> torch.Tensor:
 
     ``"query"``: (d, d), to position ``distance`` (pre-RoPE queries). ``("slots", k)``: (d, k*d), the
     j-th (d, d) block rotates by k-1-j positions (ordered placement of k memories in reading order).
-    ``("query-slots", k)``: both in one, for pre-RoPE queries.
+    ``("query-slots", k, scale)``: both in one, times ``scale``, for pre-RoPE queries.
     """
     key = (what, dtype)
     if key not in state.rotations:
         if what == "query":
             cos, sin = state.query_cos_sin[dtype]
             state.rotations[key] = rotate(torch.eye(cos.shape[-1], dtype=dtype, device=cos.device), cos, sin)
-        elif what[0] == "query-slots":  # to distance, then by k-1-j: (d, k*d)
-            state.rotations[key] = torch.matmul(_rotation(state, "query", dtype), _rotation(state, ("slots", what[1]), dtype))
+        elif what[0] == "query-slots":  # to distance, then by k-1-j, then scaled: (d, k*d)
+            slots = _rotation(state, ("slots", what[1]), dtype)
+            state.rotations[key] = torch.matmul(_rotation(state, "query", dtype), slots) * what[2]
         else:
             k = what[1]
             like = state.query_cos_sin[dtype][0]
@@ -214,19 +248,15 @@ def _retrieve(state: _PortState, layer: int, queries: torch.Tensor,
             search = getattr(memory, "search_streamed", memory.search)  # RAM stores: their own exact search
             cand = candidates.union_ids(search(layer, choosing, cfg.reuse)[1], cfg.reuse_next, memory.n_tokens)
         keys, values = memory.fetch(layer, cand)  # cand: (Hkv, C) ascending, -1 last
-        state.candidates[layer] = (cand, keys.transpose(1, 2).contiguous(), torch.cat([keys, values], dim=-1),
+        state.candidates[layer] = (cand, keys.contiguous(), kernel.key_panels(keys), values.contiguous(),
                                    bool((cand < 0).any()))
-    cand, keys_t, cand_kv, padded = state.candidates[layer]  # (Hkv, C), (Hkv, d, C), (Hkv, C, 2d)
-    d = queries.shape[-1]
-    scores = torch.bmm(queries, keys_t)  # (Hkv, M, C)
+    cand, keys, _, values, padded = state.candidates[layer]  # (Hkv, C), (Hkv, C, d), panels, (Hkv, C, d)
+    scores = torch.bmm(queries, keys.transpose(1, 2))  # (Hkv, M, C)
     if padded:
         scores = scores.masked_fill(cand[:, None, :] < 0, float("-inf"))
-    top, pick = scores.topk(min(cfg.top_k, cand.shape[1]), dim=-1)  # (Hkv, M, k)
+    pick = scores.topk(min(cfg.top_k, cand.shape[1]), dim=-1).indices  # (Hkv, M, k)
     pick = pick.sort(dim=-1).values  # reading order (candidates ascend), pads last
-    heads = torch.arange(cand.shape[0])[:, None, None]
-    ids = cand[heads, pick]
-    kv = cand_kv[heads, pick]  # (Hkv, M, k, 2d)
-    return ids, kv[..., :d], kv[..., d:], True, padded
+    return (*_gather(state, cand, keys, values, pick), True, padded)
 
 
 def _choose_blocks(state: _PortState, layer: int, q: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
