@@ -36,7 +36,8 @@ from kvmap.timing import timed_greedy  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory", required=True)
-    ap.add_argument("--settings", default="reuse=64,reuse=64:reuse_next=8,reuse=64:select_last=8,reuse_blocks=256,reuse_blocks=1024",
+    ap.add_argument("--settings", default="reuse=64,reuse=64:reuse_next=8,reuse=64:select_last=8,reuse=128,reuse=256,"
+                                         "reuse_blocks=256,reuse_blocks=1024",
                     help="reuse=K (exact candidates) or reuse_blocks=B (block-bound candidates), other ImportConfig "
                          "fields after ':' (e.g. reuse=64:select_last=8), comma-separated")
     ap.add_argument("--questions", type=int, default=8)
