@@ -37,8 +37,9 @@ def decode_kernel():
         if os.environ.get("KVMAP_NO_KERNEL") != "1":
             try:
                 _loaded["fn"] = _load(_build())
-            except (OSError, subprocess.CalledProcessError, FileNotFoundError) as err:
-                log.warning("kvmap: decode kernel unavailable (%s); using the PyTorch path", err)
+            except (OSError, subprocess.CalledProcessError) as err:  # FileNotFoundError is an OSError
+                why = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[0]  # the compiler's first complaint
+                log.warning("kvmap: decode kernel unavailable (%s); using the PyTorch path", why)
     return _loaded["fn"]
 
 
