@@ -75,7 +75,8 @@ bench-scale: $(STAMP)
 	$(BIN)/kvmap eval passkey-grid --lengths 100k --limit 3 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
 	$(BIN)/kvmap bench scale --tokens 1M --build-only
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10
-	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse-next 0 --out runs/scale/filler-1m-reuse64
+	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse 64 --reuse-next-best 0 --out runs/scale/filler-1m-reuse64-next8
+	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse 64 --reuse-next 0 --reuse-next-best 0 --out runs/scale/filler-1m-reuse64
 	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --build-only
 	$(BIN)/python benchmarks/recall_reuse.py --memory $(SCALE_DIR)/tales-1m
 	$(BIN)/python benchmarks/quantization_cost.py --memory $(SCALE_DIR)/tales-1m

@@ -4,11 +4,12 @@ SmolLM2-135M answers FairytaleQA questions with a memory folder attached (e.g. t
 memory of ``kvmap bench scale``), through the real import path, for each reuse setting: exact
 candidates (``reuse=K``: each prompt query's K best) or block-bound candidates (``reuse_blocks=B``
 blocks of 32 tokens per layer and KV head). Every
-search the import makes in the sampled layers is recorded: its queries and the ids it returned,
+search the import makes in the measured layers (all by default) is recorded: its queries and the ids it returned,
 and whether it came from the prompt's forward (which picks the candidates) or from a decode step
 (which reuses them). Exact search over the whole memory gives each query's true k-th best score;
 recall@k = share of returned ids that reach it (ties count, as in ``recall_real_kv.py``).
-Writes runs/scale/recall_reuse.json.
+Writes runs/scale/recall_reuse.json, with decode-step recall per layer (some layers' decode queries
+look for other memories than the prompt's did, so the mean hides where reuse loses).
 
     python benchmarks/recall_reuse.py --memory ~/.cache/kvmap/scale/tales-1m [--settings reuse=128,reuse_blocks=256]
 """
@@ -28,27 +29,38 @@ from recall_real_kv import questions  # noqa: E402
 
 import kvmap.models.llama as llama  # noqa: E402
 from kvmap.models.loading import load_model  # noqa: E402
-from kvmap.ports import ImportConfig  # noqa: E402
+from kvmap.ports import ImportConfig, format_layers, parse_layers  # noqa: E402
 from kvmap.stores import Memory  # noqa: E402
 from kvmap.timing import timed_greedy  # noqa: E402
+
+
+def per_layer(rows: list[dict]) -> list[dict]:
+    """One row per (setting, layer, prompt or decode): mean recall and candidates over its searches."""
+    groups: dict[tuple, list[dict]] = {}
+    for x in rows:
+        groups.setdefault((x["budget"], x["layer"], x["first"]), []).append(x)
+    return [{"budget": budget, "layer": layer, "first": first, "searches": len(g),
+             "recall": statistics.mean(x["recall"] for x in g), "n_queries": sum(x["n_queries"] for x in g),
+             "candidates": statistics.mean(x["candidates"] for x in g)}
+            for (budget, layer, first), g in groups.items()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory", required=True)
-    ap.add_argument("--settings", default="reuse=64,reuse=64:reuse_next=8,reuse=64:select_last=8,reuse=128,reuse=256,"
-                                         "reuse_blocks=256,reuse_blocks=1024",
+    ap.add_argument("--settings", default="reuse=16,reuse=64,reuse=64:reuse_next=8,reuse=128,reuse=256,"
+                                         "reuse=256:reuse_next=8:reuse_next_best=16,reuse=1024,reuse_blocks=1024",
                     help="reuse=K (exact candidates) or reuse_blocks=B (block-bound candidates), other ImportConfig "
                          "fields after ':' (e.g. reuse=64:select_last=8), comma-separated")
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--layers", default="0,10,20,29")
+    ap.add_argument("--layers", help="layers to measure, e.g. 0-29 or 0+10+20+29 (default: all)")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--out", default="runs/scale/recall_reuse.json")
     args = ap.parse_args()
     lm = load_model()
     memory = Memory.open(args.memory, expect_model_id=lm.model_id, verify=False)
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = list(parse_layers(args.layers) if args.layers else range(lm.port.layout.n_layers))
     prompts = [lm.tokenizer(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
                for q in questions(lm.tokenizer, args.questions)]
     calls: list[dict] = []
@@ -92,7 +104,8 @@ def main() -> None:
             got = torch.einsum("hmd,hmkd->hmk", q, keys)
             want = kth[:, start:start + m, None]
             hit = ((got >= want - 1e-3 * want.abs()) & (ids >= 0)).float().mean().item()
-            rows.append({"layer": layer, "budget": c["budget"], "first": c["first"], "recall": hit, "n_queries": m})
+            rows.append({"layer": layer, "budget": c["budget"], "first": c["first"], "recall": hit, "n_queries": m,
+                         "candidates": c["candidates"]})
             start += m
         for budget in budgets:
             for first in (True, False):
@@ -104,15 +117,22 @@ def main() -> None:
         r = [(x["recall"], x["n_queries"]) for x in rows if x["budget"] == budget and (first is None or x["first"] == first)]
         return sum(a * n for a, n in r) / sum(n for _, n in r)
 
+    def decode_by_layer(budget: str) -> dict[int, float]:
+        return {layer: statistics.mean(x["recall"] for x in rows if x["budget"] == budget and x["layer"] == layer
+                                       and not x["first"]) for layer in layers}
+
     summary = {b: {"prompt": mean(b, True), "decode": mean(b, False), "all": mean(b, None), **seconds[b],
-                   "candidates_per_head": statistics.median(c["candidates"] for c in calls if c["budget"] == b)}
+                   "candidates_per_head": statistics.median(c["candidates"] for c in calls if c["budget"] == b),
+                   "decode_by_layer": decode_by_layer(b)}
                for b in budgets}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"model": lm.model_id, "n_tokens": memory.n_tokens}
-    out.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "recall": summary, "rows": rows}, indent=1))
+    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"model": lm.model_id, "n_tokens": memory.n_tokens,
+                                                                     "layers": format_layers(tuple(layers))}
+    out.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "recall": summary, "rows": per_layer(rows)},
+                                                  indent=1))
     out.with_suffix(".tmp").replace(out)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({b: {k: v for k, v in x.items() if k != "decode_by_layer"} for b, x in summary.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -220,7 +220,8 @@ def cmd_bench_scale(args) -> int:
           + (f"; read {build['tokens_read']} tokens at {build['ingest_tok_s']:.0f} tok/s" if build["parts_read"] else ""))
     if args.build_only:
         return 0
-    config = ImportConfig(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next, layers=_layers(args))
+    config = ImportConfig(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next,
+                          reuse_next_best=args.reuse_next_best, layers=_layers(args))
     result = passkey_at_scale(lm, memory, args.trials, config, seed=args.seed, log_path=out / "trials.jsonl",
                               progress=not args.quiet)
     result["built_in_this_process"] = bool(build["parts_read"])  # then peak RSS includes the build
@@ -422,10 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="filler: the passkey template's haystack (default); tales: the bundled tales, repeated")
     sc.add_argument("--memory", help="memory folder (default $KVMAP_CACHE/scale/CORPUS-SIZE; 23 KB per token)")
     sc.add_argument("--trials", type=int, default=10)
-    sc.add_argument("--reuse", type=int, default=64,
-                    help="candidates per query kept from the prompt's exact search and reused while decoding (64)")
+    sc.add_argument("--reuse", type=int, default=256,
+                    help="candidates per query kept from the prompt's exact search and reused while decoding (256)")
     sc.add_argument("--reuse-next", type=int, default=8,
                     help="also keep the 8 memories after each candidate (what followed a match, e.g. a passkey's digits)")
+    sc.add_argument("--reuse-next-best", type=int, default=16,
+                    help="only each query's N best candidates bring their followers (16; 0: all)")
     sc.add_argument("--top-k", type=int, default=16)
     sc.add_argument("--layers", help="layers that import memories, e.g. 0-28/2 (default: all 30)")
     sc.add_argument("--seed", type=int, default=0)

@@ -89,6 +89,10 @@ class ImportConfig:
     reuse_next: int = 0
     """With ``reuse``: also keep the ``reuse_next`` memories that follow each candidate in reading order
     (what came right after a match, e.g. the digits after "the pass key is")."""
+    reuse_next_best: int = 0
+    """With ``reuse_next``: only each query's ``reuse_next_best`` best candidates bring their followers
+    (0: all ``reuse`` of them). Lets ``reuse`` grow (decode-step recall) without the followers
+    multiplying the candidates."""
     reuse_blocks: int = 0
     """With ``reuse``: 0 finds the candidates by exact search. > 0 instead takes the tokens of this
     many blocks per (layer, KV head), ranked by block key bounds (Quest-style): reads far less, but

@@ -71,6 +71,9 @@ def test_streamed_search_equals_the_exact_store(tmp_path):
     torch.testing.assert_close(got_s, want_s)
     assert torch.equal(got_i, want_i)
     assert union_ids(torch.tensor([[[3, 1], [1, -1]], [[2, 2], [5, 0]]])).tolist() == [[1, 3, -1], [0, 2, 5]]
+    best_first = torch.tensor([[[3, 1], [8, -1]], [[2, 6], [5, 0]]])  # (H=2, queries=2, 2 ids each, best first)
+    assert union_ids(best_first, 1, 9).tolist() == [[1, 2, 3, 4, 8, -1, -1], [0, 1, 2, 3, 5, 6, 7]]  # 8's follower is past the end
+    assert union_ids(best_first, 2, 20, followed=1).tolist() == [[1, 3, 4, 5, 8, 9, 10], [0, 2, 3, 4, 5, 6, 7]]
 
 
 def test_reuse_on_the_prompt_equals_searching_every_time(tmp_path):

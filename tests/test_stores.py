@@ -258,6 +258,36 @@ def test_fetch_of_search_results_reproduces_scores(tmp_path):
     np.testing.assert_array_equal(keys[0, 0, 0].numpy(), parts[0]["keys"][1, 0, int(ids[0, 0, 0])])
 
 
+def _file_pages_resident_kib() -> int:
+    """This process's resident file-backed pages (Linux ``RssFile``), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_fetch_with_release_unmaps_the_pages_it_read(tmp_path):
+    """Retrieval reuse gathers candidates spread over a memory larger than RAM: ``release`` drops the
+    touched pages from this process's resident set, and later reads still see the same data."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    rng = np.random.default_rng(12)
+    layout = KVLayout(n_layers=1, n_kv_heads=3, head_dim=64)
+    mem = Memory.create(tmp_path / "m", MODEL, layout, dtype="float32")
+    with mem.writer("a") as w:
+        w.append(**make_tokens(rng, 20_000, layout=layout))  # 15 MB of keys and of values
+    ids = torch.arange(20_000).repeat(3, 1)
+    before = _file_pages_resident_kib()
+    kept_k, kept_v = mem.fetch(0, ids)
+    held = _file_pages_resident_kib()
+    released_k, released_v = mem.fetch(0, ids, release=True)
+    after = _file_pages_resident_kib()
+    assert held - before > 20_000  # both files' pages stayed mapped
+    assert after - before < 2_000, (before, held, after)
+    assert torch.equal(released_k, kept_k) and torch.equal(released_v, kept_v)
+    assert torch.equal(mem.fetch(0, ids[:, :5])[0], kept_k[:, :5])  # mapped again on the next read
+
+
 def test_open_or_create(tmp_path):
     path = tmp_path / "m"
     mem = Memory.open_or_create(path, MODEL, LAYOUT, store="hnsw")

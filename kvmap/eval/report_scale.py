@@ -19,12 +19,13 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                   "other). `kvmap` searches the memory at every forward (exact store in RAM); `kvmap:reuse=64` "
                   "searches it once, exactly, streamed from disk, for the prompt's queries (64 candidates each), "
                   "and every decode step takes its top-16 among those candidates; `reuse_next=8` also keeps the 8 "
-                  "memories after each candidate. 1k–100k: `kvmap eval passkey-grid` (one haystack per trial, "
-                  "read in that trial; peak RSS includes the runner's chunk cache of up to 4 GB); 1M: `kvmap "
-                  "bench scale` (one filler memory built once, a needle document added and forgotten per trial). "
-                  "The `reuse=64:reuse_next=8` rows ran alone on the two cores and decode with the fused C "
-                  "kernel (`kvmap/models/decode_step.c`); the 1M `reuse=64` row ran before it, on the PyTorch "
-                  "path. Ratio: median decode time with memory over median without.", "",
+                  "memories after each candidate, and `reuse_next_best=16` only after each query's 16 best (so "
+                  "`reuse` can grow without the followers multiplying the candidates). 1k–100k: `kvmap eval "
+                  "passkey-grid` (one haystack per trial, read in that trial; peak RSS includes the runner's chunk "
+                  "cache of up to 4 GB); 1M: `kvmap bench scale` (one filler memory built once, a needle document "
+                  "added and forgotten per trial). The `reuse_next` rows ran alone on the two cores and decode "
+                  "with the fused C kernel (`kvmap/models/decode_step.c`); the 1M `reuse=64` row ran before it, on "
+                  "the PyTorch path. Ratio: median decode time with memory over median without.", "",
                   "| memory tokens | method | passkey | decode ms/token, memory | no memory | ratio | first forward s "
                   "| ingest tok/s | peak RSS GiB | disk KiB/token |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -58,13 +59,20 @@ def scale_section(folder: Path, out_dir: Path) -> list[str]:
                   f"{s['layers']}; `benchmarks/recall_reuse.py`). *Prompt*: the forward that picks the candidates; "
                   "*decode*: later tokens searching among them. `reuse=K`: each prompt query's K best by exact "
                   "search; `reuse_blocks=B`: the tokens of B blocks of 32 per (layer, KV head), ranked by "
-                  "per-channel key bounds (Quest).", "",
-                  "| setting | recall, prompt | recall, decode | candidates per (layer, KV head) | first forward s |",
-                  "|---|---|---|---|---|"]
+                  "per-channel key bounds (Quest). *Worst layer*: the layer whose decode steps keep the least.", "",
+                  "| setting | recall, prompt | recall, decode | worst layer, decode | candidates per (layer, KV head) "
+                  "| first forward s |", "|---|---|---|---|---|---|"]
         for name, x in r["recall"].items():
-            lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | {x['candidates_per_head']:.0f} | "
+            by_layer = x.get("decode_by_layer") or {}
+            worst = min(by_layer.items(), key=lambda kv: kv[1]) if by_layer else None
+            lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | "
+                         f"{f'{worst[1]:.3f} (layer {worst[0]})' if worst else '–'} | {x['candidates_per_head']:.0f} | "
                          f"{x['prompt_s']:.1f} |")
         lines.append("")
+        if any(x.get("decode_by_layer") for x in r["recall"].values()):
+            plot = out_dir / "results_recall_reuse.png"
+            plot_recall_by_layer(r, plot)
+            lines += [f"![decode-step recall by layer]({plot.name})", ""]
     r = _read(folder, "quantization.json")
     if r is not None:
         s, b = r["settings"], r["bytes_per_token"]
@@ -143,8 +151,9 @@ def size_rows(folder: Path) -> list[dict]:
             if (result.parent / "build.jsonl").exists() else []
         read, seconds = sum(b["tokens_read"] for b in builds), sum(b["seconds"] for b in builds)
         k = r["methods"]["kvmap"]
-        nxt, layers = r["config"].get("reuse_next", 0), r["config"].get("layers")
+        nxt, best, layers = (r["config"].get(key) for key in ("reuse_next", "reuse_next_best", "layers"))
         method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "") \
+            + (f":reuse_next_best={best}" if nxt and best else "") \
             + (f":layers={format_layers(tuple(layers))}" if layers else "")
         rows.append({"tokens": r["haystack_tokens"], "method": f"{method} ({r['corpus']})",
                      "correct": k["correct"], "n": k["n"], "decode_ms": r["speed"]["decode_ms_memory"],
@@ -183,6 +192,29 @@ def _over_layers(r: dict, setting: str, key: str) -> float:
     """The middle value (upper median) of ``key`` over the measured layers of one store setting."""
     values = sorted(x[key] for x in r["rows"] if x["setting"] == setting)
     return values[len(values) // 2]
+
+
+def plot_recall_by_layer(r: dict, path: Path) -> None:
+    """Decode-step recall@k of each reuse setting, layer by layer (``recall_reuse.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for name, x in r["recall"].items():
+        by_layer = x.get("decode_by_layer")
+        if by_layer:
+            layers = sorted(by_layer, key=int)
+            ax.plot([int(l) for l in layers], [by_layer[l] for l in layers], marker=".", label=name)
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"decode recall@{r['settings']['k']}")
+    ax.set_title(f"Retrieval reuse, decode steps ({r['settings']['n_tokens']:,} tokens of tales)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_recall(r: dict, path: Path) -> None:

@@ -246,8 +246,9 @@ def _retrieve(state: _PortState, layer: int, queries: torch.Tensor,
             cand = candidates.block_token_ids(blocks, starts, lengths, cfg.reuse_block_size)
         else:
             search = getattr(memory, "search_streamed", memory.search)  # RAM stores: their own exact search
-            cand = candidates.union_ids(search(layer, choosing, cfg.reuse)[1], cfg.reuse_next, memory.n_tokens)
-        keys, values = memory.fetch(layer, cand)  # cand: (Hkv, C) ascending, -1 last
+            cand = candidates.union_ids(search(layer, choosing, cfg.reuse)[1], cfg.reuse_next, memory.n_tokens,
+                                        cfg.reuse_next_best)
+        keys, values = memory.fetch(layer, cand, release=True)  # cand: (Hkv, C) ascending, -1 last
         state.candidates[layer] = (cand, keys.contiguous(), kernel.key_panels(keys), values.contiguous(),
                                    bool((cand < 0).any()))
     cand, keys, _, values, padded = state.candidates[layer]  # (Hkv, C), (Hkv, C, d), panels, (Hkv, C, d)

@@ -90,14 +90,19 @@ def block_token_ids(blocks: list[torch.Tensor], starts: np.ndarray, lengths: np.
     return torch.from_numpy(out)
 
 
-def union_ids(ids: torch.Tensor, following: int = 0, n_tokens: int | None = None) -> torch.Tensor:
-    """Per head, the distinct ids of (H, ...) in ascending order, padded with -1 at the end: (H, C).
+def union_ids(ids: torch.Tensor, following: int = 0, n_tokens: int | None = None, followed: int = 0) -> torch.Tensor:
+    """Per head, the distinct ids of (H, ..., K) in ascending order, padded with -1 at the end: (H, C).
 
-    ``following``: also each id's next ``following`` ids (below ``n_tokens``).
+    ``following``: also the next ``following`` ids (below ``n_tokens``) of each id, or, with
+    ``followed`` > 0, only of the first ``followed`` ids along the last axis (each query's best when
+    ``ids`` come from a search, best first).
     """
     rows = [torch.unique(row[row >= 0]) for row in ids.reshape(ids.shape[0], -1)]
     if following > 0:
-        rows = [torch.unique((r[:, None] + torch.arange(following + 1)).reshape(-1)) for r in rows]
+        leads = ids[..., :followed] if followed > 0 else ids
+        steps = torch.arange(1, following + 1)
+        rows = [torch.unique(torch.cat([r, (lead[lead >= 0][:, None] + steps).reshape(-1)]))
+                for r, lead in zip(rows, leads.reshape(ids.shape[0], -1))]
         rows = [r[r < n_tokens] if n_tokens is not None else r for r in rows]
     out = torch.full((len(rows), max(1, max(len(r) for r in rows))), -1, dtype=torch.int64)
     for h, r in enumerate(rows):

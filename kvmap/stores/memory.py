@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -160,6 +161,14 @@ class _Segment:
 
     def keys(self, layer: int) -> np.ndarray:
         return self.array(f"k{layer:02d}.bin")
+
+    def release(self, layer: int) -> None:
+        """Unmap the pages of this layer's K/V that reads touched, so they stop counting as this
+        process's resident memory (they stay in the OS page cache; the next read maps them again)."""
+        for name in (f"k{layer:02d}.bin", f"v{layer:02d}.bin"):
+            mapped = getattr(self._maps.get(name), "_mmap", None)  # np.memmap's mmap object
+            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def values(self, layer: int) -> np.ndarray:
         return self.array(f"v{layer:02d}.bin")
@@ -571,13 +580,16 @@ class Memory:
         seg = np.searchsorted(self._bases, ids, side="right") - 1
         return np.where(valid, seg, len(self._segments)), valid
 
-    def fetch(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of memory ids.
 
         Parameters
         ----------
         layer : attention layer
         ids : (H, ...) int64 global ids, head first; ``-1`` gives zero vectors
+        release : afterwards unmap the file pages the gather touched (:meth:`_Segment.release`). For
+            one large gather from a memory bigger than RAM (retrieval reuse's candidates): ids spread
+            over the whole file would otherwise keep many pages, read ahead around each, resident.
 
         Returns
         -------
@@ -598,6 +610,8 @@ class Memory:
             rows = flat[mask] - self._bases[s]
             keys[mask] = seg.keys(layer)[rows, heads[mask]]  # (n_sel, d) gathered from the memmap
             values[mask] = seg.values(layer)[rows, heads[mask]]
+            if release:
+                seg.release(layer)
         shape = tuple(ids.shape) + (d,)
         return (
             torch.from_numpy(keys).reshape(shape).to(ids.device),

@@ -68,8 +68,9 @@ class TensorMemory:
         scores = torch.einsum("hqd,hmd->hqm", queries.float(), keys.detach().float())
         return scores.topk(min(k, keys.shape[1]), dim=-1)
 
-    def fetch(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (ids.shape + (d,)) of ids (H, ...); differentiable in the stored tensors."""
+    def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (ids.shape + (d,)) of ids (H, ...); differentiable in the stored tensors.
+        ``release`` is for file-backed memories; these tensors stay in RAM."""
         keys, values = self._first(layer)
         h, d = keys.shape[0], keys.shape[-1]
         flat = ids.reshape(h, -1, 1).expand(-1, -1, d)  # (H, P, d)
