@@ -23,7 +23,8 @@ def _import_config(args):
     from kvmap.ports import ImportConfig
 
     return ImportConfig(top_k=args.top_k, distance=args.distance, placement=args.placement,
-                        reuse=getattr(args, "reuse", 0), layers=_layers(args))
+                        reuse=getattr(args, "reuse", 0), reuse_next=getattr(args, "reuse_next", 0),
+                        reuse_next_best=getattr(args, "reuse_next_best", 0), layers=_layers(args))
 
 
 def _layers(args) -> tuple[int, ...] | None:
@@ -80,9 +81,10 @@ def cmd_ask(args) -> int:
     from kvmap.answer import ask
     from kvmap.stores import Memory
 
+    config = _import_config(args)  # bad options fail before the model loads
     memory = Memory.open(args.memory)
     lm = _load(_model_for_memory(memory, args.model))
-    answer = ask(lm, args.question, None if args.no_memory else memory, _import_config(args),
+    answer = ask(lm, args.question, None if args.no_memory else memory, config,
                  max_new_tokens=args.max_new_tokens, mode=args.mode)
     if args.json:
         print(json.dumps({"answer": answer.text,
@@ -330,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--reuse", type=int, default=0,
                         help="search the memory once, for the prompt (this many candidates per query, streamed "
                              "from disk), and decode among those candidates: for memories too large to search "
-                             "per token, e.g. 64 (default 0: search at every token)")
+                             "per token, e.g. 256 (default 0: search at every token)")
+        sp.add_argument("--reuse-next", type=int, default=0,
+                        help="with --reuse: also keep the N memories after each candidate, e.g. 8 (what followed "
+                             "a match, such as a passkey's digits)")
+        sp.add_argument("--reuse-next-best", type=int, default=0,
+                        help="with --reuse-next: only after each query's N best candidates, e.g. 16 (default 0: all)")
         sp.add_argument("--layers", help="layers that import memories, e.g. 0-14, 0-28/2 or 3+7+20-29 (default: all)")
 
     r = sub.add_parser("remember", help="read text files into a memory folder")

@@ -102,6 +102,13 @@ class ImportConfig:
     search_chunk: int = 256
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""
 
+    def __post_init__(self) -> None:
+        from kvmap.errors import InputError
+
+        for name in ("select_last", "reuse", "reuse_next", "reuse_next_best", "reuse_blocks"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be 0 or more, got {getattr(self, name)}")
+
 
 def parse_layers(text: str) -> tuple[int, ...]:
     """``"0-14"``, ``"0-28/2"`` (every second), ``"3+7+20-29"`` -> the sorted layer indices (InputError if malformed)."""

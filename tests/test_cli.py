@@ -128,3 +128,19 @@ def test_bridge_eval_without_a_trained_adapter_is_a_one_line_error(tmp_path):
     proc = run_cli("bridge", "eval", "--task", "text-limb", "--out", str(tmp_path / "run"))
     assert_one_line_error(proc, "no adapter at", "kvmap bridge train --task text-limb")
     assert not (tmp_path / "run").exists()
+
+
+def test_import_options_reach_the_import_config():
+    from kvmap.cli import _import_config, build_parser
+
+    args = build_parser().parse_args(["ask", "q?", "--memory", "m", "--mode", "import", "--reuse", "256", "--reuse-next", "8",
+                                      "--reuse-next-best", "16", "--layers", "0-28/2"])
+    config = _import_config(args)
+    assert (config.reuse, config.reuse_next, config.reuse_next_best) == (256, 8, 16)
+    assert config.layers == tuple(range(0, 29, 2))
+
+
+def test_negative_reuse_option_is_a_one_line_error(tiny_memory):
+    proc = run_cli("ask", "q?", "--memory", str(tiny_memory), "--mode", "import", "--reuse", "8",
+                   "--reuse-next-best", "-1")
+    assert_one_line_error(proc, "reuse_next_best must be 0 or more")

@@ -201,7 +201,7 @@ def plot_recall_by_layer(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(9, 3.4))
     for name, x in r["recall"].items():
         by_layer = x.get("decode_by_layer")
         if by_layer:
@@ -211,7 +211,7 @@ def plot_recall_by_layer(r: dict, path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel(f"decode recall@{r['settings']['k']}")
     ax.set_title(f"Retrieval reuse, decode steps ({r['settings']['n_tokens']:,} tokens of tales)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
