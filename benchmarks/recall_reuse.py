@@ -3,10 +3,9 @@
 SmolLM2-135M answers FairytaleQA questions with a memory folder attached (e.g. the tales corpus
 memory of ``kvmap bench scale``), through the real import path, for each reuse setting: exact
 candidates (``reuse=K``: each prompt query's K best) or block-bound candidates (``reuse_blocks=B``
-blocks of 32 tokens per layer and KV head). Every
-search the import makes in the measured layers (all by default) is recorded: its queries and the ids it returned,
-and whether it came from the prompt's forward (which picks the candidates) or from a decode step
-(which reuses them). Exact search over the whole memory gives each query's true k-th best score;
+blocks of 32 tokens per layer and KV head). Every search the import makes in the measured layers
+(all by default) is recorded: its queries and the ids it returned, and whether it came from the
+prompt's forward (which picks the candidates) or from a decode step (which reuses them). Exact search over the whole memory gives each query's true k-th best score;
 recall@k = share of returned ids that reach it (ties count, as in ``recall_real_kv.py``).
 Writes runs/scale/recall_reuse.json, with decode-step recall per layer (some layers' decode queries
 look for other memories than the prompt's did, so the mean hides where reuse loses).

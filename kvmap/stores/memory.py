@@ -162,6 +162,9 @@ class _Segment:
     def keys(self, layer: int) -> np.ndarray:
         return self.array(f"k{layer:02d}.bin")
 
+    def values(self, layer: int) -> np.ndarray:
+        return self.array(f"v{layer:02d}.bin")
+
     def release(self, layer: int) -> None:
         """Unmap the pages of this layer's K/V that reads touched, so they stop counting as this
         process's resident memory (they stay in the OS page cache; the next read maps them again)."""
@@ -169,9 +172,6 @@ class _Segment:
             mapped = getattr(self._maps.get(name), "_mmap", None)  # np.memmap's mmap object
             if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
                 mapped.madvise(mmap.MADV_DONTNEED)
-
-    def values(self, layer: int) -> np.ndarray:
-        return self.array(f"v{layer:02d}.bin")
 
     def tokens(self) -> dict[str, np.ndarray]:
         if self._tokens is None:
