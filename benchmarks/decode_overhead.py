@@ -36,7 +36,7 @@ def decode_ms(lm, prompt: list[int], memory, config, steps: int = 20) -> float:
 
 def main() -> None:
     lm = load_model()
-    config = ImportConfig(reuse=64, reuse_next=8)
+    config = ImportConfig.from_options(reuse=64, reuse_next=8)
     ex = make_example(lm.tokenizer, 256, 0.5, seed=1)
     prompt = lm.tokenizer(ex.instruction + "\n" + ex.question, add_special_tokens=False)["input_ids"]
     with tempfile.TemporaryDirectory() as tmp:

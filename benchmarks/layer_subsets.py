@@ -44,7 +44,7 @@ def main() -> None:
             memory = Memory.create(Path(tmp) / "m", lm.model_id, lm.port.layout)
             read_into(lm.port, tok, memory, "doc", [ex.context], progress=False)
             for subset in subsets:
-                config = ImportConfig(reuse=64, reuse_next=8, layers=parse_layers(subset))
+                config = ImportConfig.from_options(reuse=64, reuse_next=8, layers=parse_layers(subset))
                 out = timed_greedy(lm.port, tok, prompt, 12, memory, config)
                 rows.append({"trial": i, "depth": depth, "passkey": ex.passkey, "layers": subset,
                              "output": out.text, "correct": score(out.text, ex.passkey)})

@@ -53,7 +53,7 @@ def main() -> None:
         segments.append(seg)
         n += seg.n_tokens
     recorder = _RecordingMemory(memory)
-    with torch.no_grad(), lm.port.importing(recorder, ImportConfig(top_k=args.k)):
+    with torch.no_grad(), lm.port.importing(recorder, ImportConfig.from_options(top_k=args.k)):
         for q in questions(lm.tokenizer, args.questions):
             lm.model(lm.tokenizer(f"Question: {q}\nAnswer:", return_tensors="pt").input_ids)
     rows = []

@@ -85,7 +85,7 @@ def main() -> None:
         memory = Memory.create(Path(tmp) / "m", lm.model_id, lm.port.layout)
         read_into(lm.port, lm.tokenizer, memory, "tales", [" ".join(haystack(lm.tokenizer, args.tokens, random.Random(0)))])
         recorder = _RecordingMemory(memory)
-        with torch.no_grad(), lm.port.importing(recorder, ImportConfig(top_k=args.k)):
+        with torch.no_grad(), lm.port.importing(recorder, ImportConfig.from_options(top_k=args.k)):
             for q in questions(lm.tokenizer, args.questions):
                 lm.model(lm.tokenizer(f"Question: {q}\nAnswer:", return_tensors="pt").input_ids)
         n = memory.n_tokens

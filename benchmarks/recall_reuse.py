@@ -82,7 +82,7 @@ def main() -> None:
     seconds = {}
     for setting in budgets:
         options = {key: int(value) for key, _, value in (o.partition("=") for o in setting.split(":"))}
-        config = ImportConfig(top_k=args.k, **{"reuse": 1, **options})
+        config = ImportConfig.from_options(top_k=args.k, **{"reuse": 1, **options})
         began = time.perf_counter()
         first_s = [timed_greedy(lm.port, lm.tokenizer, p, args.new_tokens, memory, config).prefill_s for p in prompts]
         seconds[setting] = {"prompt_s": statistics.median(first_s), "total_s": time.perf_counter() - began}

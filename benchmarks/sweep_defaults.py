@@ -25,10 +25,10 @@ from kvmap.timing import timed_greedy
 
 def variants(n_layers: int) -> dict[str, ImportConfig]:
     half = n_layers // 2
-    out = {f"k={k}": ImportConfig(top_k=k) for k in (1, 4, 16, 64)}
-    out.update({f"D={d}": ImportConfig(distance=d) for d in (0, 64, 1024, 4096, 7000)})
-    out["layers 0-%d" % (half - 1)] = ImportConfig(layers=tuple(range(half)))
-    out["layers %d-%d" % (half, n_layers - 1)] = ImportConfig(layers=tuple(range(half, n_layers)))
+    out = {f"k={k}": ImportConfig.from_options(top_k=k) for k in (1, 4, 16, 64)}
+    out.update({f"D={d}": ImportConfig.from_options(distance=d) for d in (0, 64, 1024, 4096, 7000)})
+    out["layers 0-%d" % (half - 1)] = ImportConfig.from_options(layers=tuple(range(half)))
+    out["layers %d-%d" % (half, n_layers - 1)] = ImportConfig.from_options(layers=tuple(range(half, n_layers)))
     return out
 
 

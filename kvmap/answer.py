@@ -8,6 +8,7 @@ import torch
 
 from kvmap.models.loading import LoadedModel
 from kvmap.ports import ImportConfig, ImportTrace, MemoryEntry, MemoryPort
+from kvmap.presets import preset
 
 
 @dataclass
@@ -133,9 +134,9 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
 
     port = port or lm.port
     tok = lm.tokenizer
-    config = config or ImportConfig(block_size=64)
+    config = config if config is not None and config.blocks is not None else preset("splice")
     if choice == "bm25":
-        ids = bm25_blocks(memory, question, config.block_size or 64, config.n_blocks)
+        ids = bm25_blocks(memory, question, config.blocks.size, config.blocks.n_blocks)
     else:
         question_tokens = len(tok(question, add_special_tokens=False)["input_ids"])
         ids = choose_blocks(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)

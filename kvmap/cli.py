@@ -22,7 +22,7 @@ def _comma_ints(text: str) -> list[int]:
 def _import_config(args):
     from kvmap.ports import ImportConfig
 
-    return ImportConfig(top_k=args.top_k, distance=args.distance, placement=args.placement,
+    return ImportConfig.from_options(top_k=args.top_k, distance=args.distance, placement=args.placement,
                         reuse=getattr(args, "reuse", 0), reuse_next=getattr(args, "reuse_next", 0),
                         reuse_next_best=getattr(args, "reuse_next_best", 0), layers=_layers(args))
 
@@ -222,7 +222,7 @@ def cmd_bench_scale(args) -> int:
           + (f"; read {build['tokens_read']} tokens at {build['ingest_tok_s']:.0f} tok/s" if build["parts_read"] else ""))
     if args.build_only:
         return 0
-    config = ImportConfig(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next,
+    config = ImportConfig.from_options(top_k=args.top_k, reuse=args.reuse, reuse_next=args.reuse_next,
                           reuse_next_best=args.reuse_next_best, layers=_layers(args))
     result = passkey_at_scale(lm, memory, args.trials, config, seed=args.seed, log_path=out / "trials.jsonl",
                               progress=not args.quiet)

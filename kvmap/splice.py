@@ -16,8 +16,6 @@ Splicing is the block-level alternative that worked best there:
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from kvmap.ports import ImportConfig, MemoryPort
@@ -26,7 +24,8 @@ from kvmap.ports import ImportConfig, MemoryPort
 def block_mass(port: MemoryPort, memory, prompt_ids: list[int], config: ImportConfig, select_last: int = 0) -> torch.Tensor:
     """(n_blocks,) softmax mass the prompt's (last ``select_last``) queries give each memory block,
     summed over every layer, KV head and query."""
-    cfg = replace(config, block_size=config.block_size or 64, select_last=select_last, fixed_blocks=None)
+    block_size = config.blocks.size if config.blocks else 64
+    cfg = config.with_options(block_size=block_size, select_last=select_last, fixed_blocks=None, reuse=0)
     with torch.no_grad(), port.importing(memory, cfg) as trace:
         port.model(torch.tensor(prompt_ids)[None], use_cache=False)
     return torch.stack([m.sum(0) for m in trace.block_mass.values()]).sum(0)
@@ -40,14 +39,15 @@ def choose_blocks(port: MemoryPort, memory, prompt_ids: list[int], config: Impor
     ``contrast``: (prompt ids, select_last) of a neutral question; the mass it gives each block is
     subtracted, so blocks every question attends to (sink-like, generic) stop winning.
     """
-    block_size = config.block_size or 64
+    block_size = config.blocks.size if config.blocks else 64
+    n_blocks_wanted = config.blocks.n_blocks if config.blocks else 8
     mass = block_mass(port, memory, prompt_ids, config, select_last)
     if contrast is not None:
         mass = mass - block_mass(port, memory, contrast[0], config, contrast[1])
     n_blocks = mass.shape[0]
-    if memory.n_tokens % block_size and n_blocks > config.n_blocks:
+    if memory.n_tokens % block_size and n_blocks > n_blocks_wanted:
         mass[-1] = float("-inf")  # a short last block would make the count uneven between choices
-    chosen = sorted(mass.topk(min(config.n_blocks, n_blocks)).indices.tolist())
+    chosen = sorted(mass.topk(min(n_blocks_wanted, n_blocks)).indices.tolist())
     return block_tokens(chosen, block_size, memory.n_tokens)
 
 

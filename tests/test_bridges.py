@@ -26,7 +26,7 @@ def test_identity_adapter_reproduces_own_import_path():
     with torch.no_grad(), recording(source) as kv:
         source.model(MEMORY_IDS)
     memory = BruteForceMemory([kv[l][0][0] for l in sorted(kv)], [kv[l][1][0] for l in sorted(kv)])
-    config = ImportConfig(top_k=ALL_ENTRIES, placement="fixed", distance=64)
+    config = ImportConfig.from_options(top_k=ALL_ENTRIES, placement="fixed", distance=64)
     with torch.no_grad(), target.importing(memory, config):
         expected = target.model(PROMPT_IDS).logits
 
@@ -59,7 +59,7 @@ def test_adapter_gradients_flow_from_the_target_loss():
     with torch.no_grad(), recording(source) as kv:
         source.model(MEMORY_IDS)
     memory = TensorMemory(target.layout, "dst", adapter(kv))
-    config = ImportConfig(top_k=ALL_ENTRIES, placement="fixed", layers=tuple(adapter.target_layers))
+    config = ImportConfig.from_options(top_k=ALL_ENTRIES, placement="fixed", layers=tuple(adapter.target_layers))
     with target.importing(memory, config):
         target.model(PROMPT_IDS).logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters() if p.dim() == 2)

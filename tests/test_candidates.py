@@ -81,13 +81,13 @@ def test_reuse_on_the_prompt_equals_searching_every_time(tmp_path):
     memory, port = _two_segment_memory(tmp_path)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        with port.importing(memory, ImportConfig(top_k=8)):
+        with port.importing(memory, ImportConfig.from_options(top_k=8)):
             exact = port.model(ids).logits
-        with port.importing(memory, ImportConfig(top_k=8, reuse=8)):
+        with port.importing(memory, ImportConfig.from_options(top_k=8, reuse=8)):
             reused = port.model(ids).logits
-        with port.importing(memory, ImportConfig(top_k=8, reuse=8, reuse_blocks=100, reuse_block_size=16)):
+        with port.importing(memory, ImportConfig.from_options(top_k=8, reuse=8, reuse_blocks=100, reuse_block_size=16)):
             every_block = port.model(ids).logits
-        with port.importing(memory, ImportConfig(top_k=8, reuse=8, reuse_blocks=1, reuse_block_size=16)):
+        with port.importing(memory, ImportConfig.from_options(top_k=8, reuse=8, reuse_blocks=1, reuse_block_size=16)):
             one_block = port.model(ids).logits
     torch.testing.assert_close(reused, exact, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(every_block, exact, atol=1e-5, rtol=1e-5)
@@ -102,7 +102,7 @@ def test_candidates_are_picked_once_and_reused_while_decoding(tmp_path):
     model = port.model
     streamed = []
     memory.search_streamed = lambda *a: streamed.append(a) or Memory.search_streamed(memory, *a)
-    for config in (ImportConfig(reuse=4, reuse_blocks=2, reuse_block_size=16), ImportConfig(reuse=4)):
+    for config in (ImportConfig.from_options(reuse=4, reuse_blocks=2, reuse_block_size=16), ImportConfig.from_options(reuse=4)):
         with torch.no_grad(), port.importing(memory, config):
             out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
             model(torch.tensor([[4]]), cache=out.cache, use_cache=True)
@@ -125,7 +125,7 @@ def test_decode_fast_path_equals_the_general_path(tmp_path, monkeypatch):
         if path == "torch":
             monkeypatch.setattr(kernel, "decode_kernel", lambda: None)
         for reuse, nxt in ((6, 2), (1, 0)):  # (1, 0): fewer distinct candidates than top_k, so padding
-            with torch.no_grad(), port.importing(memory, ImportConfig(top_k=8, reuse=reuse, reuse_next=nxt)) as trace:
+            with torch.no_grad(), port.importing(memory, ImportConfig.from_options(top_k=8, reuse=reuse, reuse_next=nxt)) as trace:
                 out = port.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
                 before = dict(trace.hits)
                 logits[path, reuse] = port.model(torch.tensor([[5]]), cache=out.cache, use_cache=True).logits

@@ -136,7 +136,7 @@ def test_import_options_reach_the_import_config():
     args = build_parser().parse_args(["ask", "q?", "--memory", "m", "--mode", "import", "--reuse", "256", "--reuse-next", "8",
                                       "--reuse-next-best", "16", "--layers", "0-28/2"])
     config = _import_config(args)
-    assert (config.reuse, config.reuse_next, config.reuse_next_best) == (256, 8, 16)
+    assert (config.reuse.candidates, config.reuse.next, config.reuse.next_best) == (256, 8, 16)
     assert config.layers == tuple(range(0, 29, 2))
 
 

@@ -15,7 +15,7 @@ def test_method_names_and_options():
     assert parse_method("kvmap-block:n_blocks=16:neighbours=1") == ("kvmap-block", {"n_blocks": 16, "neighbours": 1})
     assert parse_method("kvmap:layers=0-2") == ("kvmap", {"layers": (0, 1, 2)})
     assert parse_method("kvmap:layers=0-8/4+9") == ("kvmap", {"layers": (0, 4, 8, 9)})
-    assert import_config("kvmap-block").block_size == 64
+    assert import_config("kvmap-block").blocks.size == 64
     assert import_config("kvmap-fixed:distance=64").placement == "fixed"
     assert parse_method("rag-bm25:budget=512") == ("rag-bm25", {"budget": 512})
     assert format_layers(parse_layers("0-28/2")) == "0-28/2" and format_layers(None) == "all"

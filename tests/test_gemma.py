@@ -81,7 +81,7 @@ def test_import_at_true_positions_reproduces_full_attention(window):
         full = model(ids).logits[0, prefix:]
         keys, values = _export(port, ids[:, :prefix])
         memory = BruteForceMemory(keys, values)
-        config = ImportConfig(top_k=prefix, placement="true")
+        config = ImportConfig.from_options(top_k=prefix, placement="true")
         with port.importing(memory, config):
             pos = torch.arange(prefix, ids.shape[1])[None]
             got = model(ids[:, prefix:], position_ids=pos, use_cache=False).logits[0]
@@ -94,7 +94,7 @@ def test_the_llama_port_alone_breaks_on_gemma():
     port = LlamaMemoryPort(model, model_id="tiny")
     keys, values = _export(port, torch.randint(0, 128, (1, 10)))  # export needs no extra rotary: it works
     with pytest.raises(TypeError):
-        with port.importing(BruteForceMemory(keys, values), ImportConfig(top_k=4)):
+        with port.importing(BruteForceMemory(keys, values), ImportConfig.from_options(top_k=4)):
             pass
 
 
@@ -121,7 +121,7 @@ def test_fixed_placement_rotates_queries_with_each_layers_rope():
     memory = BruteForceMemory(keys, values)
     d, p = 6, 17
     q, k = torch.randn(16), torch.randn(16)
-    with port.importing(memory, ImportConfig(top_k=4, distance=d)):
+    with port.importing(memory, ImportConfig.from_options(top_k=4, distance=d)):
         for layer, attn in enumerate(port.attentions):
             rotary = port.layer_rotary(layer)
             cos, sin = attn._kvmap_state.query_cos_sin[torch.float32]
@@ -140,7 +140,7 @@ def test_local_layers_import_only_memories_inside_their_window(distance, importi
     with torch.no_grad():
         keys, values = _export(port, ids)
         memory = SpyMemory(keys, values)
-        with port.importing(memory, ImportConfig(top_k=4, distance=distance, placement="fixed")) as trace:
+        with port.importing(memory, ImportConfig.from_options(top_k=4, distance=distance, placement="fixed")) as trace:
             out = model.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=4, do_sample=False)
     assert out.shape[1] == 9
     assert memory.searched == importing_layers
@@ -155,7 +155,7 @@ def test_no_forward_left_patched_after_the_block():
         before = model(ids).logits
         keys, values = _export(port, ids)
         memory = BruteForceMemory(keys, values)
-        for config in (ImportConfig(top_k=4, distance=4), ImportConfig(top_k=4, placement="true")):
+        for config in (ImportConfig.from_options(top_k=4, distance=4), ImportConfig.from_options(top_k=4, placement="true")):
             try:
                 with port.importing(memory, config):
                     model(ids)
@@ -207,7 +207,7 @@ def test_port_for_picks_the_port_that_reproduces_full_attention(make, cls):
     with torch.no_grad():
         full = model(ids).logits[0, 20:]
         keys, values = _export(port, ids[:, :20])
-        with port.importing(BruteForceMemory(keys, values), ImportConfig(top_k=20, placement="true")):
+        with port.importing(BruteForceMemory(keys, values), ImportConfig.from_options(top_k=20, placement="true")):
             got = model(ids[:, 20:], position_ids=torch.arange(20, 30)[None], use_cache=False).logits[0]
     assert (got - full).abs().max().item() <= 1e-4
 

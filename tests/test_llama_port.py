@@ -30,7 +30,7 @@ def test_import_at_true_positions_reproduces_full_attention():
         full = model(ids).logits[0, prefix:]
         keys, values = _export(port, ids[:, :prefix])
         memory = BruteForceMemory(keys, values)
-        config = ImportConfig(top_k=prefix, placement="true")
+        config = ImportConfig.from_options(top_k=prefix, placement="true")
         with port.importing(memory, config):
             pos = torch.arange(prefix, ids.shape[1])[None]
             got = model(ids[:, prefix:], position_ids=pos, use_cache=False).logits[0]
@@ -74,7 +74,7 @@ def test_no_hooks_left_after_the_block():
         keys, values = _export(port, ids)
         memory = BruteForceMemory(keys, values)
         try:
-            with port.importing(memory, ImportConfig(top_k=4)):
+            with port.importing(memory, ImportConfig.from_options(top_k=4)):
                 raise RuntimeError("boom")
         except RuntimeError:
             pass
@@ -94,11 +94,11 @@ def test_memory_changes_generation_and_trace_records_hits():
         keys, values = _export(port, ids)
         memory = BruteForceMemory(keys, values)
         prompt = torch.randint(0, 128, (1, 5))
-        with port.importing(memory, ImportConfig(top_k=4, distance=64)) as trace:
+        with port.importing(memory, ImportConfig.from_options(top_k=4, distance=64)) as trace:
             out = model.generate(prompt, max_new_tokens=5, do_sample=False)
         assert out.shape[1] == 10
         assert trace.hits and all(0 <= i < 30 for i in trace.hits)
-        with port.importing(memory, ImportConfig(top_k=4)):
+        with port.importing(memory, ImportConfig.from_options(top_k=4)):
             sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=10)
         assert sampled.shape[1] == 10
 
@@ -145,7 +145,7 @@ def test_ordered_placement_keeps_reading_order_behind_the_query():
         prompt = torch.randint(0, 128, (1, 4))
         outs = {}
         for placement in ("fixed", "ordered"):
-            with port.importing(memory, ImportConfig(top_k=12, placement=placement, distance=20)):
+            with port.importing(memory, ImportConfig.from_options(top_k=12, placement=placement, distance=20)):
                 outs[placement] = model(prompt).logits
     assert not torch.allclose(outs["fixed"], outs["ordered"])  # order now changes the scores
     # reference: every memory (k = all 12) placed at distance 20 + (11 - id), computed by hand for layer 0
@@ -154,7 +154,7 @@ def test_ordered_placement_keeps_reading_order_behind_the_query():
     attn = port.attentions[0]
     q = torch.randn(1, 4, 1, 16)
     local_k, local_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
-    state = _PortState(memory=memory, config=ImportConfig(top_k=12, placement="ordered", distance=20),
+    state = _PortState(memory=memory, config=ImportConfig.from_options(top_k=12, placement="ordered", distance=20),
                        rotary=port.rotary)
     state.query_cos_sin[q.dtype] = cos_sin(port.rotary, torch.tensor(20), q)
     got = _attend_with_memory(attn, state, q, q, local_k, local_v)  # q_rot = q: local part at position 0

@@ -34,7 +34,7 @@ def test_reader_and_memory_folder_reproduce_full_attention(tmp_path):
     reopened = Memory.open(tmp_path / "m", expect_model_id="tiny")
     with torch.no_grad():
         full = model(ids).logits[0, prefix:]
-        with port.importing(reopened, ImportConfig(top_k=prefix, placement="true")):
+        with port.importing(reopened, ImportConfig.from_options(top_k=prefix, placement="true")):
             got = model(ids[:, prefix:], position_ids=torch.arange(prefix, 60)[None], use_cache=False).logits[0]
     assert (got - full).abs().max().item() <= 1e-4
 
@@ -68,7 +68,7 @@ def test_all_blocks_contiguous_reproduce_full_attention(tmp_path):
     memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
     read_into(port, IdTokenizer(), memory, "doc", [" ".join(map(str, ids[0, :prefix].tolist()))],
               ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
-    config = ImportConfig(block_size=4, n_blocks=11, placement="contiguous")
+    config = ImportConfig.from_options(block_size=4, n_blocks=11, placement="contiguous")
     with torch.no_grad():
         full = model(ids).logits[0, prefix:]
         with port.importing(memory, config) as trace:
@@ -83,7 +83,7 @@ def test_blocks_are_chosen_once_and_kept_while_decoding(tmp_path):
     memory = Memory.create(tmp_path / "m", "tiny", port.layout)
     read_into(port, IdTokenizer(), memory, "doc", [" ".join(str(i % 100) for i in range(200))],
               ReaderConfig(chunk_size=32, sinks=4), progress=False)
-    config = ImportConfig(block_size=8, n_blocks=2, neighbours=1)
+    config = ImportConfig.from_options(block_size=8, n_blocks=2, neighbours=1)
     with torch.no_grad(), port.importing(memory, config) as trace:
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     # 2 blocks + 1 neighbour each side, at most 6 blocks x 8 tokens, counted once per layer and head

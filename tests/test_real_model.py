@@ -124,7 +124,7 @@ def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tm
     with pytest.raises(InputError, match="holds other sources"):  # never mixes a corpus into other sources
         build_corpus_memory(lm, path, 2000, corpus="tales", progress=False)
     before = Memory.open(path).n_tokens
-    result = passkey_at_scale(lm, path, 2, ImportConfig(reuse=64), needle_tokens=200, progress=False,
+    result = passkey_at_scale(lm, path, 2, ImportConfig.from_options(reuse=64), needle_tokens=200, progress=False,
                               log_path=tmp_path / "log.jsonl")
     assert result["methods"]["kvmap"]["correct"] == 2, [e["kvmap"]["output"] for e in result["examples"]]
     assert result["methods"]["none"]["correct"] == 0

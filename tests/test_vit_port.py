@@ -71,7 +71,7 @@ def test_memory_changes_outputs_and_layers_without_entries_are_untouched():
             changed = model(images)
         with port.importing(TensorMemory(port.layout, "tiny-vit", {})):
             same = model(images)
-        with port.importing(TensorMemory(port.layout, "tiny-vit", other), ImportConfig(layers=())):
+        with port.importing(TensorMemory(port.layout, "tiny-vit", other), ImportConfig.from_options(layers=())):
             skipped = model(images)
     assert not torch.allclose(changed, before, atol=1e-3)
     assert torch.equal(same, before) and torch.equal(skipped, before)

@@ -82,7 +82,7 @@ class BridgedMemory:
 
 def import_config(adapter: KVAdapter, distance: int = 4096) -> ImportConfig:
     """Every bridged entry, in the adapter's target layers, at position 0 with queries ``distance`` ahead."""
-    return ImportConfig(top_k=ALL_ENTRIES, distance=distance, placement="fixed", layers=tuple(adapter.target_layers))
+    return ImportConfig.from_options(top_k=ALL_ENTRIES, distance=distance, placement="fixed", layers=tuple(adapter.target_layers))
 
 
 class Bridge:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +29,7 @@ from kvmap.answer import chat_parts, context_prompt, continue_greedy
 from kvmap.errors import InputError
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
-from kvmap.ports import ImportConfig, parse_layers
+from kvmap.ports import OPTION_NAMES, ImportConfig, parse_layers
 
 BASELINES = ("oracle", "none", "full", "truncate", "streaming", "yarn", "rag-bm25", "rag-embed")
 KVMAP_PRESETS = {
@@ -62,7 +62,7 @@ def parse_method(name: str) -> tuple[str, dict]:
     base, *opts = name.split(":")
     if base not in METHODS:
         raise InputError(f"unknown method '{base}'; choose from {', '.join(METHODS)} (options as NAME:KEY=VALUE)")
-    allowed = {f.name for f in fields(ImportConfig)} - {"layers", "fixed_blocks"} if base in KVMAP_PRESETS else \
+    allowed = set(OPTION_NAMES) - {"layers", "fixed_blocks"} if base in KVMAP_PRESETS else \
         set(_BASELINE_OPTIONS.get(base, {}))
     options: dict = {}
     for opt in opts:
@@ -80,7 +80,7 @@ def parse_method(name: str) -> tuple[str, dict]:
 def import_config(name: str, default: ImportConfig | None = None) -> ImportConfig:
     """The ImportConfig a kvmap method name stands for."""
     base, options = parse_method(name)
-    return replace(default or ImportConfig(), **{**KVMAP_PRESETS[base], **options})
+    return (default or ImportConfig()).with_options(**{**KVMAP_PRESETS[base], **options})
 
 
 def check_methods(names: list[str]) -> None:
@@ -294,7 +294,7 @@ class GroupRunner:
             began = time.perf_counter()
             before, _ = prompt_parts(self.tok, ex, False)
             if choice == "bm25":
-                ids = bm25_blocks(memory, ex.question, config.block_size, config.n_blocks, config.neighbours)
+                ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours)
             elif choice == "layerwise":
                 with torch.no_grad(), self.port.importing(memory, config) as trace:
                     self.model(torch.tensor(before)[None], use_cache=False)
@@ -318,8 +318,8 @@ class GroupRunner:
             if text_choice:
                 from kvmap.splice import bm25_blocks
 
-                ids = bm25_blocks(memory, ex.question, config.block_size, config.n_blocks)
-                config = replace(config, fixed_blocks=tuple(sorted({int(i) // config.block_size for i in ids})))
+                ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
+                config = config.with_options(fixed_blocks=tuple(sorted({int(i) // config.blocks.size for i in ids})))
             with self.port.importing(memory, config):
                 answer = self._generate(before)
             answer.seconds = time.perf_counter() - began

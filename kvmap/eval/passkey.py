@@ -87,20 +87,19 @@ def check_methods(methods: list[str]) -> None:
 
 def kvmap_variant(method: str, config):
     """The ImportConfig a kvmap method name asks for (see METHODS)."""
-    from dataclasses import fields, replace
+    from kvmap.ports import OPTION_NAMES
 
     if method == "kvmap":
         return config
     if method == "kvmap-fixed":
-        return replace(config, placement="fixed")
-    types = {f.name: f.type for f in fields(config)}
+        return config.with_options(placement="fixed")
     changes = {}
     for option in method.split(":")[1:]:
         key, _, value = option.partition("=")
-        if key not in types or key == "layers":
-            raise ValueError(f"no ImportConfig field '{key}'")
+        if key not in OPTION_NAMES or key in ("layers", "fixed_blocks"):
+            raise ValueError(f"no ImportConfig option '{key}'")
         changes[key] = value if key == "placement" else int(value)
-    return replace(config, **changes)
+    return config.with_options(**changes)
 
 
 def _timed_plain_prefill(model, ids: list[int]) -> float:

@@ -30,7 +30,6 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
     median prefill seconds, and the process's peak RSS. With ``log_path``, each trial is appended
     to that JSONL file and trials already there are skipped (resumable).
     """
-    from dataclasses import asdict
 
     from tqdm.auto import tqdm
 
@@ -50,7 +49,7 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
     if log_path is not None and Path(log_path).exists():
         for line in Path(log_path).read_text(encoding="utf-8").splitlines():
             row = json.loads(line) if line.strip().endswith("}") else None
-            if row and row["haystack_tokens"] == haystack_tokens and row["seed"] == seed and row.get("config") == asdict(config):
+            if row and row["haystack_tokens"] == haystack_tokens and row["seed"] == seed and row.get("config") == config.options():
                 done[row["trial"]] = row
     rows = list(done.values())
     rss_start = peak_rss_mb()
@@ -70,7 +69,7 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
         finally:
             memory.forget(source)
         row = {"trial": i, "seed": seed, "depth": depth, "passkey": ex.passkey, "haystack_tokens": haystack_tokens,
-               "config": asdict(config),
+               "config": config.options(),
                "memory_tokens": memory_tokens,
                "kvmap": {"output": with_memory.text, "correct": score(with_memory.text, ex.passkey),
                          "decode_ms": with_memory.decode_ms_per_token, "prefill_s": with_memory.prefill_s,
@@ -91,7 +90,7 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
     decode_none = median([r["none"]["decode_ms"] for r in rows])
     return {
         "task": "passkey-scale", "model": lm.model_id, "memory": str(memory_path), "haystack_tokens": haystack_tokens,
-        "trials": len(rows), "seed": seed, "needle_tokens": needle_tokens, "config": asdict(config),
+        "trials": len(rows), "seed": seed, "needle_tokens": needle_tokens, "config": config.options(),
         "disk_bytes_per_token": _disk_bytes(Path(memory_path)) / max(1, haystack_tokens),
         "methods": {"kvmap": acc("kvmap"), "none": acc("none")},
         "speed": {"decode_ms_memory": decode_memory, "decode_ms_no_memory": decode_none,

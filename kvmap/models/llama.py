@@ -86,7 +86,7 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     r = n_q // n_kv  # query heads per KV head (GQA group)
     scale = attn.scaling
     if FAST_DECODE and t == 1 and layer in state.candidates and cfg.placement == "ordered" \
-            and cfg.block_size == 0 and getattr(attn, "sliding_window", None) is None:
+            and getattr(attn, "sliding_window", None) is None:
         return _decode_among_candidates(state, layer, q, q_rot, k_all, v_all, scale)
 
     # Local part: ordinary RoPE attention, causal (and windowed on sliding-window layers).
@@ -96,7 +96,7 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     if t > 1 or (window is not None and s > window):  # one new token with no window sees every key
         local = local.masked_fill(~_local_mask(t, s, window, q.device), float("-inf"))
 
-    if cfg.block_size > 0:
+    if cfg.blocks is not None:
         return _attend_with_blocks(attn, state, q, qg, local, v_all)
 
     # Memory part: each query head searches with its own query, rotated so that memories
@@ -230,24 +230,24 @@ def _retrieve(state: _PortState, layer: int, queries: torch.Tensor,
     whether each query's ids come in reading order, and whether some ids may be -1 (padding).
     Queries are (r, T) flattened, T = ``t`` tokens."""
     cfg, memory = state.config, state.memory
-    if cfg.reuse <= 0:
+    reuse = cfg.reuse
+    if reuse is None:
         _, ids = memory.search(layer, queries, cfg.top_k)
         return (ids, *memory.fetch(layer, ids), False, True)
     if layer not in state.candidates:  # the first forward picks the candidates; later ones reuse them
         from kvmap.stores import candidates
 
         choosing = queries
-        if 0 < cfg.select_last < t:  # only the last tokens' queries (the question's) pick candidates
+        if 0 < reuse.select_last < t:  # only the last tokens' queries (the question's) pick candidates
             n_kv, _, d = queries.shape
-            choosing = queries.reshape(n_kv, -1, t, d)[:, :, -cfg.select_last:].reshape(n_kv, -1, d)
-        if cfg.reuse_blocks > 0:
-            lo, hi, starts, lengths = memory.block_bounds(layer, cfg.reuse_block_size)
-            blocks = candidates.candidate_blocks(choosing, lo, hi, cfg.reuse_blocks, cfg.search_chunk)
-            cand = candidates.block_token_ids(blocks, starts, lengths, cfg.reuse_block_size)
+            choosing = queries.reshape(n_kv, -1, t, d)[:, :, -reuse.select_last:].reshape(n_kv, -1, d)
+        if reuse.blocks > 0:
+            lo, hi, starts, lengths = memory.block_bounds(layer, reuse.block_size)
+            blocks = candidates.candidate_blocks(choosing, lo, hi, reuse.blocks, cfg.search_chunk)
+            cand = candidates.block_token_ids(blocks, starts, lengths, reuse.block_size)
         else:
-            search = getattr(memory, "search_streamed", memory.search)  # RAM stores: their own exact search
-            cand = candidates.union_ids(search(layer, choosing, cfg.reuse)[1], cfg.reuse_next, memory.n_tokens,
-                                        cfg.reuse_next_best)
+            found = memory.search_streamed(layer, choosing, reuse.candidates)[1]
+            cand = candidates.union_ids(found, reuse.next, memory.n_tokens, reuse.next_best)
         keys, values = memory.fetch(layer, cand, release=True)  # cand: (Hkv, C) ascending, -1 last
         state.candidates[layer] = (cand, keys.contiguous(), kernel.key_panels(keys), values.contiguous(),
                                    bool((cand < 0).any()))
@@ -268,31 +268,32 @@ def _choose_blocks(state: _PortState, layer: int, q: torch.Tensor, like: torch.T
     either side) are imported in reading order. Returns keys, values of shape (Hkv, M, d).
     """
     cfg, memory = state.config, state.memory
+    blocks = cfg.blocks
     n_kv = memory.layout.n_kv_heads
     cos, sin = state.query_cos_sin[q.dtype]
-    if cfg.select_last > 0:
-        q = q[:, :, -cfg.select_last:]  # (1, Hq, T', d): only the last tokens' queries choose
+    if blocks.select_last > 0:
+        q = q[:, :, -blocks.select_last:]  # (1, Hq, T', d): only the last tokens' queries choose
     queries = rotate(q[0], cos, sin).reshape(n_kv, -1, q.shape[-1]).float()  # (Hkv, r*T', d)
-    means = memory.block_means(layer, cfg.block_size)  # (Hkv, n_blocks, d)
+    means = memory.block_means(layer, blocks.size)  # (Hkv, n_blocks, d)
     n_blocks = means.shape[1]
     mass = torch.softmax(torch.einsum("hmd,hbd->hmb", queries, means), dim=-1).sum(1)  # (Hkv, n_blocks)
     state.trace.block_mass[layer] = mass
-    want = min(n_blocks, cfg.n_blocks * (1 + 2 * cfg.neighbours))
-    if memory.n_tokens % cfg.block_size and n_blocks > want:
+    want = min(n_blocks, blocks.n_blocks * (1 + 2 * blocks.neighbours))
+    if memory.n_tokens % blocks.size and n_blocks > want:
         mass[:, -1] = -1.0  # rank the short last block last, so every layer imports the same count
-    if cfg.fixed_blocks is not None:
-        want = min(want, len(cfg.fixed_blocks) * (1 + 2 * cfg.neighbours))
+    if blocks.fixed is not None:
+        want = min(want, len(blocks.fixed) * (1 + 2 * blocks.neighbours))
     ids = []
     for head in range(n_kv):
         chosen: list[int] = []
-        ranking = list(cfg.fixed_blocks) if cfg.fixed_blocks is not None else mass[head].argsort(descending=True).tolist()
+        ranking = list(blocks.fixed) if blocks.fixed is not None else mass[head].argsort(descending=True).tolist()
         for b in ranking:
-            for nb in range(b - cfg.neighbours, b + cfg.neighbours + 1):
+            for nb in range(b - blocks.neighbours, b + blocks.neighbours + 1):
                 if 0 <= nb < n_blocks and nb not in chosen and len(chosen) < want:
                     chosen.append(nb)
             if len(chosen) >= want:
                 break
-        tokens = torch.cat([torch.arange(b * cfg.block_size, min((b + 1) * cfg.block_size, memory.n_tokens))
+        tokens = torch.cat([torch.arange(b * blocks.size, min((b + 1) * blocks.size, memory.n_tokens))
                             for b in sorted(chosen)])
         ids.append(tokens)
     m = min(len(x) for x in ids)  # the last block may be short: keep every head the same length
