@@ -38,6 +38,11 @@ class KVIndex(Protocol):
     def build(self, parts: Sequence[np.ndarray]) -> None:
         """Index keys given as parts of shape (n_i, H, d), concatenated along tokens."""
 
+    @classmethod
+    def file_names(cls, layer: int, n_kv_heads: int) -> list[str]:
+        """The names ``save`` gives this layer's files; a segment's meta.json must list exactly
+        these (a memory is untrusted input: no other name is ever opened)."""
+
     def save(self, folder: Path, layer: int) -> list[str]:
         """Write this layer's index files into ``folder``; return their file names."""
 

@@ -42,6 +42,10 @@ class ExactIndex:
             start = stop
         self.keys = keys
 
+    @classmethod
+    def file_names(cls, layer: int, n_kv_heads: int) -> list[str]:
+        return []
+
     def save(self, folder: Path, layer: int) -> list[str]:
         return []  # nothing to save: the keys themselves are the index
 

@@ -68,6 +68,10 @@ class _FaissIndex:
             self._configure(index)
             self.heads.append(index)
 
+    @classmethod
+    def file_names(cls, layer: int, n_kv_heads: int) -> list[str]:
+        return [_file(layer, h) for h in range(n_kv_heads)]
+
     def save(self, folder: Path, layer: int) -> list[str]:
         faiss = _faiss()
         names = []

@@ -112,6 +112,10 @@ class LSHIndex:
 
     # -- persistence -------------------------------------------------------------------------
 
+    @classmethod
+    def file_names(cls, layer: int, n_kv_heads: int) -> list[str]:
+        return [_file(layer)]
+
     def save(self, folder: Path, layer: int) -> list[str]:
         # np.savez adds ".npz" only when missing: pass an open file so the name is exact.
         with open(Path(folder) / _file(layer), "wb") as f:
@@ -119,13 +123,24 @@ class LSHIndex:
         return [_file(layer)]
 
     def load(self, folder: Path, layer: int, keys: np.ndarray) -> None:
-        with np.load(Path(folder) / _file(layer), allow_pickle=False) as z:
-            self.planes, self.scale = z["planes"], z["scale"]
-            self.codes, self.order = z["codes"], z["order"]
+        """Read and check the tables: shapes, dtypes, and every ``order`` entry a token of this
+        segment (a damaged one would index outside the keys)."""
+        from kvmap.stores.folder import read_npz  # the memory folder's checked reader
+
         n, h, d = keys.shape
-        expected = (h, self.n_tables, n)
-        if self.codes.shape != expected or self.order.shape != expected or self.planes.shape[1] != d + 1:
-            raise ValueError(f"{_file(layer)} has tables {self.codes.shape}, expected {expected}")
+        tables = (h, self.n_tables, n)
+        z = read_npz(Path(folder) / _file(layer), {
+            "planes": ((self.n_tables * self.n_bits, d + 1), "f"), "scale": ((h,), "f"),
+            "codes": (tables, "u"), "order": (tables, "iu"),
+        })
+        if z["codes"].dtype != _code_dtype(self.n_bits):
+            raise ValueError(f"{_file(layer)} has {z['codes'].dtype} codes, expected {_code_dtype(self.n_bits)}")
+        if n and (z["order"].min() < 0 or z["order"].max() >= n):
+            raise ValueError(f"{_file(layer)} has token ids outside 0..{n - 1}")
+        if not (np.isfinite(z["planes"]).all() and np.isfinite(z["scale"]).all()):
+            raise ValueError(f"{_file(layer)} has non-finite projections")
+        self.planes, self.scale = z["planes"].astype(np.float32), z["scale"].astype(np.float32)
+        self.codes, self.order = z["codes"], z["order"].astype(np.int64 if n >= 2**31 else np.int32)
         self.keys = keys
 
     # -- search ------------------------------------------------------------------------------
