@@ -1,7 +1,15 @@
-"""What any transformer exposes to kvmap: a `MemoryPort` that exports K/V and imports memories.
+"""The declared interfaces between models and memories.
 
-A port is model-family specific (``kvmap.models.llama.LlamaMemoryPort``, later a timm ViT port);
-everything else (stores, reader, CLI, bridges) only talks to this interface.
+- :class:`MemoryPort`: what any transformer exposes (export K/V while it reads, import memories while it
+  answers); :class:`CausalLMPort` adds what the text-side code (reader, splice, timing, CLI) uses of a
+  causal LM's port. Ports are model-family specific (:mod:`kvmap.models.llama`, :mod:`kvmap.models.gemma`,
+  :mod:`kvmap.models.vit`).
+- :class:`MemoryView`: what a port reads from a memory (layout, model id, search, fetch, provenance, block
+  summaries). Every memory implements all of it (:class:`kvmap.stores.Memory`, the RAM
+  :class:`~kvmap.stores.tensor.TensorMemory`, the Ray-sharded one, a bridge's mapped memory, Gemma's
+  windowed view); a wrapper that cannot honour a method refuses it with a one-line ``KVMapError``, and
+  delegates the rest explicitly, so nothing falls through to the wrong object. One contract test
+  (``tests/test_memory_contract.py``) runs over every implementation.
 """
 from __future__ import annotations
 
@@ -9,9 +17,12 @@ import contextlib
 import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
+
+from kvmap.config import (  # noqa: F401  (re-exported: the import settings ports take)
+    OPTION_NAMES, BlockRetrieval, ImportConfig, RetrievalReuse, format_layers, parse_layers)
 
 
 @dataclass(frozen=True)
@@ -45,229 +56,6 @@ class MemoryEntry:
     """Retrieval score (inner product of the rotated query with the stored key), or a hit count."""
 
 
-PLACEMENTS = ("fixed", "ordered", "true", "contiguous")
-
-
-def _at_least(name: str, value, low: int) -> None:
-    from kvmap.errors import InputError
-
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be a whole number, got {value!r}")
-    if value < low:
-        raise InputError(f"{name} must be {low} or more, got {value}")
-
-
-@dataclass(frozen=True)
-class BlockRetrieval:
-    """Block retrieval (InfLLM-style): blocks of consecutive memory tokens, represented by their mean key,
-    chosen per (layer, KV head) by the prompt's queries and kept while the answer is decoded; every query
-    then attends to all tokens of the chosen blocks."""
-
-    size: int = 64
-    """Memory tokens per block."""
-    n_blocks: int = 8
-    """Blocks chosen per (layer, KV head)."""
-    neighbours: int = 0
-    """Also import this many blocks either side of each chosen one (EM-LLM's contiguity buffer); the
-    total stays ``n_blocks * (1 + 2 * neighbours)`` blocks."""
-    select_last: int = 0
-    """Only the queries of the prompt's last ``select_last`` tokens choose (e.g. the question's); 0: all."""
-    fixed: tuple[int, ...] | None = None
-    """Blocks chosen outside attention (e.g. by BM25 on the blocks' text): these block indices, for every
-    layer and KV head, instead of the attention-score choice."""
-
-    def __post_init__(self) -> None:
-        _at_least("block_size", self.size, 1)
-        _at_least("n_blocks", self.n_blocks, 1)
-        _at_least("neighbours", self.neighbours, 0)
-        _at_least("select_last", self.select_last, 0)
-        if self.fixed is not None:
-            object.__setattr__(self, "fixed", tuple(self.fixed))
-            if not self.fixed:
-                from kvmap.errors import InputError
-
-                raise InputError("fixed_blocks names no block; give at least one block index or None")
-            for b in self.fixed:
-                _at_least("fixed_blocks entries", b, 0)
-
-
-@dataclass(frozen=True)
-class RetrievalReuse:
-    """Retrieval reuse, for large memories: the prompt's queries each find their ``candidates`` best memories
-    by exact search streamed over the whole memory (:mod:`kvmap.stores.candidates`); the union per (layer,
-    KV head) is kept, and every later forward takes its exact top-k among it. Decode cost then no longer
-    grows with the memory; the prompt's forward reads every key once."""
-
-    candidates: int = 256
-    """Memories per choosing query kept as candidates (``reuse=`` in method strings)."""
-    next: int = 0
-    """Also keep the memories that follow each candidate in reading order (what came right after a match,
-    e.g. the digits after "the pass key is")."""
-    next_best: int = 0
-    """With ``next``: only each query's ``next_best`` best candidates bring their followers (0: all)."""
-    blocks: int = 0
-    """0: candidates by exact search. > 0: instead the tokens of this many blocks per (layer, KV head),
-    ranked by block key bounds (Quest-style): reads far less, but measured recall is much lower."""
-    block_size: int = 32
-    """Tokens per block for ``blocks``."""
-    select_last: int = 0
-    """Only the queries of the prompt's last ``select_last`` tokens choose the candidates; 0: all."""
-
-    def __post_init__(self) -> None:
-        _at_least("reuse", self.candidates, 1)
-        for name, value in (("reuse_next", self.next), ("reuse_next_best", self.next_best),
-                            ("reuse_blocks", self.blocks), ("select_last", self.select_last)):
-            _at_least(name, value, 0)
-        _at_least("reuse_block_size", self.block_size, 1)
-
-
-_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk")
-_BLOCK_OPTIONS = {"block_size": "size", "n_blocks": "n_blocks", "neighbours": "neighbours",
-                  "fixed_blocks": "fixed"}
-_REUSE_OPTIONS = {"reuse": "candidates", "reuse_next": "next", "reuse_next_best": "next_best",
-                  "reuse_blocks": "blocks", "reuse_block_size": "block_size"}
-OPTION_NAMES = (*_TOKEN_OPTIONS, *_BLOCK_OPTIONS, "select_last", *_REUSE_OPTIONS)
-"""The flat option names of :meth:`ImportConfig.from_options` (method strings ``kvmap:KEY=VALUE``, run files)."""
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    """How memories are imported into attention: one of three retrieval modes, chosen once per attach.
-
-    - token retrieval (``blocks`` and ``reuse`` both None, the seed's method): every query's top-k memory
-      tokens, searched in the memory's store at every forward;
-    - block retrieval (``blocks``): whole blocks chosen by the prompt's queries, kept while decoding;
-    - retrieval reuse (``reuse``): token retrieval among candidates found once by the prompt's queries.
-
-    Defaults were chosen by measurement (see README). Build from flat option names (method strings, the
-    CLI, run files) with :meth:`from_options`; :meth:`options` gives them back.
-    """
-
-    top_k: int = 16
-    """Memory tokens retrieved per (layer, query head, query token) (token retrieval and reuse)."""
-    distance: int = 4096
-    """Queries are rotated to this position; memories sit at position 0, so every memory looks
-    ``distance`` tokens behind the current token."""
-    layers: tuple[int, ...] | None = None
-    """Layers that import memories; ``None`` means all."""
-    placement: Literal["fixed", "ordered", "true", "contiguous"] = "ordered"
-    """``fixed``: every memory at position 0, queries at ``distance`` (the seed's memory map).
-    ``ordered``: as fixed, but one query's k memories keep their reading order: the newest sits
-    ``distance`` behind the query, each older one a position further (contiguous, Landmark-style).
-    ``true``: memories at the token offset they were read at (only meaningful for parity tests).
-    ``contiguous`` (block retrieval only): the selected blocks, in reading order, fill the positions
-    just before the prompt's first token (Landmark-Attention style); queries keep their positions."""
-    blocks: BlockRetrieval | None = None
-    """Block retrieval settings; None: token-level retrieval."""
-    reuse: RetrievalReuse | None = None
-    """Retrieval reuse settings; None: search the store at every forward."""
-    search_chunk: int = 256
-    """Query vectors searched per call, bounding the (queries x memory) score matrix."""
-
-    def __post_init__(self) -> None:
-        from kvmap.errors import InputError
-
-        _at_least("top_k", self.top_k, 1)
-        _at_least("distance", self.distance, 0)
-        _at_least("search_chunk", self.search_chunk, 1)
-        if self.placement not in PLACEMENTS:
-            raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))  # () imports in no layer
-            for layer in self.layers:
-                _at_least("layers entries", layer, 0)
-        if self.blocks is not None and self.reuse is not None:
-            raise InputError("block retrieval and retrieval reuse exclude each other; set block_size or reuse, not both")
-        if self.placement == "contiguous" and self.blocks is None:
-            raise InputError("placement contiguous is for block retrieval only; set block_size or another placement")
-
-    @property
-    def mode(self) -> Literal["tokens", "blocks", "reuse"]:
-        """The retrieval mode: ``tokens`` (the seed's), ``blocks`` or ``reuse``."""
-        return "blocks" if self.blocks is not None else "reuse" if self.reuse is not None else "tokens"
-
-    @classmethod
-    def from_options(cls, **options) -> "ImportConfig":
-        """An ImportConfig from flat option names (:data:`OPTION_NAMES`).
-
-        ``block_size > 0`` selects block retrieval (``n_blocks``, ``neighbours``, ``fixed_blocks``,
-        ``select_last`` apply to it), ``reuse > 0`` retrieval reuse (``reuse_*`` and ``select_last``); a
-        block or reuse option without its mode is an error, as is an unknown name.
-        """
-        from kvmap.errors import InputError
-
-        unknown = sorted(set(options) - set(OPTION_NAMES))
-        if unknown:
-            raise InputError(f"unknown import option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
-        block = {v: options[k] for k, v in _BLOCK_OPTIONS.items() if k in options}
-        reuse = {v: options[k] for k, v in _REUSE_OPTIONS.items() if k in options}
-        select_last = options.get("select_last", 0)
-        use_blocks = block.get("size", 0) not in (0, None)
-        use_reuse = reuse.get("candidates", 0) not in (0, None)
-        if use_blocks and use_reuse:
-            raise InputError("block retrieval and retrieval reuse exclude each other; set block_size or reuse, not both")
-        block_defaults = {"n_blocks": 8, "neighbours": 0, "fixed": None}
-        if not use_blocks and any(block.get(k, v) != v for k, v in block_defaults.items()):
-            raise InputError("n_blocks, neighbours and fixed_blocks need block retrieval; set block_size too")
-        reuse_defaults = {"next": 0, "next_best": 0, "blocks": 0, "block_size": 32}
-        if not use_reuse and any(reuse.get(k, v) != v for k, v in reuse_defaults.items()):
-            raise InputError("reuse_next, reuse_next_best and reuse_blocks need retrieval reuse; set reuse too")
-        if select_last and not (use_blocks or use_reuse):
-            raise InputError("select_last needs block retrieval or retrieval reuse; set block_size or reuse too")
-        block.pop("size", None)
-        return cls(
-            **{k: options[k] for k in _TOKEN_OPTIONS if k in options},
-            blocks=BlockRetrieval(size=options["block_size"], **block, select_last=select_last) if use_blocks else None,
-            reuse=RetrievalReuse(**reuse, select_last=select_last) if use_reuse else None,
-        )
-
-    def with_options(self, **options) -> "ImportConfig":
-        """This config with some flat options changed (``kvmap-block:n_blocks=16`` on a preset)."""
-        return ImportConfig.from_options(**{**self.options(), **options})
-
-    def options(self) -> dict:
-        """The flat options this config stands for (every name of :data:`OPTION_NAMES`; 0 where a mode is off)."""
-        blocks, reuse = self.blocks, self.reuse
-        return {
-            "top_k": self.top_k, "distance": self.distance, "layers": self.layers, "placement": self.placement,
-            "block_size": blocks.size if blocks else 0, "n_blocks": blocks.n_blocks if blocks else 8,
-            "neighbours": blocks.neighbours if blocks else 0,
-            "select_last": (blocks or reuse).select_last if (blocks or reuse) else 0,
-            "fixed_blocks": blocks.fixed if blocks else None,
-            "reuse": reuse.candidates if reuse else 0, "reuse_next": reuse.next if reuse else 0,
-            "reuse_next_best": reuse.next_best if reuse else 0, "reuse_blocks": reuse.blocks if reuse else 0,
-            "reuse_block_size": reuse.block_size if reuse else 32, "search_chunk": self.search_chunk,
-        }
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0-14"``, ``"0-28/2"`` (every second), ``"3+7+20-29"`` -> the sorted layer indices (InputError if malformed)."""
-    from kvmap.errors import InputError
-
-    layers: set[int] = set()
-    try:
-        for part in text.split("+"):
-            span, _, step = part.partition("/")
-            a, dash, b = span.partition("-")
-            layers.update(range(int(a), int(b) + 1, int(step or 1)) if dash else [int(a)])
-    except ValueError:
-        raise InputError(f"layers '{text}' is not a layer list; write e.g. 0-14, 0-28/2 or 3+7+20-29") from None
-    if not layers:
-        raise InputError(f"layers '{text}' names no layer; write e.g. 0-14, 0-28/2 or 3+7+20-29")
-    return tuple(sorted(layers))
-
-
-def format_layers(layers: tuple[int, ...] | None) -> str:
-    """Inverse of :func:`parse_layers` for display: ``(0, 2, ..., 28)`` -> ``"0-28/2"``; ``None`` -> ``"all"``."""
-    if layers is None:
-        return "all"
-    steps = {b - a for a, b in zip(layers, layers[1:])}
-    if len(layers) > 2 and len(steps) == 1:
-        step = steps.pop()
-        return f"{layers[0]}-{layers[-1]}" + (f"/{step}" if step > 1 else "")
-    return "+".join(str(x) for x in layers)
-
-
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``recorder(layer, keys, values)`` with pre-RoPE keys and values of the new tokens,
 each of shape (B, n_kv_heads, T, head_dim)."""
@@ -296,6 +84,48 @@ def attached_forwards(modules, forward: Callable, state_of: Callable[[int], obje
                 vars(module).pop(name, None)
 
 
+@runtime_checkable
+class MemoryView(Protocol):
+    """What ports read from a memory. Shapes: H = ``layout.n_kv_heads``, d = ``layout.head_dim``; memory ids
+    are global (0..n_tokens-1) in reading order, ``-1`` is padding."""
+
+    path: object
+    """Where the memory lives (a folder, or a placeholder such as ``"<tensor memory>"``), for messages."""
+    model_id: str
+    """The model whose K/V these are; ports refuse a memory of another model."""
+    layout: KVLayout
+
+    @property
+    def n_tokens(self) -> int:
+        """Memories held."""
+
+    def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k by inner product with the store's own index: queries (H, M, d) -> scores, ids (H, M, k');
+        k' = min(k, n_tokens) or k with ``-inf`` / ``-1`` padding."""
+
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k, reading every key once (retrieval reuse's candidates); same shapes as :meth:`search`."""
+
+    def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (ids.shape + (d,)) of ids (H, ...) (``-1``: zeros). ``release``: a file-backed
+        memory drops the pages it read from this process's resident memory."""
+
+    def offsets(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token offset of each id inside its document (same shape; ``-1`` for ``-1``)."""
+
+    def entry(self, id: int, score: float = 0.0) -> "MemoryEntry":
+        """Provenance of one memory: source, document, offset, text."""
+
+    def token_texts(self) -> list[str]:
+        """The text of every memory, in id order."""
+
+    def block_means(self, layer: int, block_size: int) -> torch.Tensor:
+        """(H, n_blocks, d) mean key of each block of ``block_size`` consecutive ids."""
+
+    def block_bounds(self, layer: int, block_size: int) -> tuple:
+        """Per-channel key min and max of each block: lo, hi (H, n_blocks, d); starts, lengths (n_blocks,)."""
+
+
 class MemoryPort(ABC):
     """A model's door to memory: export K/V while it reads, import memories while it answers.
 
@@ -318,6 +148,32 @@ class MemoryPort(ABC):
     def importing(self, memory, config: ImportConfig | None = None) -> contextlib.AbstractContextManager["ImportTrace"]:
         """Within the block, attention also attends to the top-k memories retrieved from ``memory``."""
 
+    def check_memory(self, memory) -> None:
+        """Refuse a memory exported by another model or with another K/V layout (one-line error)."""
+        from kvmap.errors import MemoryFormatError
+
+        where = getattr(memory, "path", "<memory>")
+        if memory.model_id != self.model_id:
+            raise MemoryFormatError(f"memory {where} was made by model '{memory.model_id}', not '{self.model_id}'; "
+                                    "use that model or a new --memory folder")
+        if memory.layout != self.layout:
+            raise MemoryFormatError(f"memory {where} has layout {memory.layout.as_dict()}, the model has "
+                                    f"{self.layout.as_dict()}; use the model that made it or a new --memory folder")
+
+
+class CausalLMPort(MemoryPort):
+    """A causal language model's port: what the reader, splicing, timing and the CLI use beyond export and
+    import (:class:`kvmap.models.llama.LlamaMemoryPort` and its Gemma 3 subclass implement it)."""
+
+    model: torch.nn.Module
+    """The model with its LM head (``model(input_ids, cache=...)`` gives logits)."""
+    base: torch.nn.Module
+    """The decoder without the head (``base(input_ids, cache=...)``), what the reader runs while exporting."""
+
+    @abstractmethod
+    def layer_rotary(self, layer: int):
+        """The rotary module layer ``layer`` rotates with, callable as ``rotary(x, position_ids) -> cos, sin``."""
+
 
 @dataclass
 class ImportTrace:
@@ -328,21 +184,33 @@ class ImportTrace:
     block_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     """Block retrieval: layer -> (Hkv, n_blocks) attention mass the choosing queries gave each block."""
     _pending: list = field(default_factory=list, repr=False)
+    _pending_size: int = field(default=0, repr=False)
     _hits: dict[int, float] = field(default_factory=dict, repr=False)
 
+    PENDING_LIMIT = 1 << 20
+    """Ids held uncounted before they are folded into the counts (bounds memory over long generations)."""
+
     def record(self, ids: torch.Tensor) -> None:
-        """Note retrieved ids; counted only when ``hits`` is read (this runs on every decode step)."""
+        """Note retrieved ids; counted lazily (this runs on every decode step), at the latest when
+        :data:`PENDING_LIMIT` ids are waiting."""
         self._pending.append(ids)
+        self._pending_size += ids.numel()
+        if self._pending_size >= self.PENDING_LIMIT:
+            self._count()
+
+    def _count(self) -> None:
+        if self._pending:
+            flat = torch.cat([ids.reshape(-1) for ids in self._pending])
+            self._pending.clear()
+            self._pending_size = 0
+            uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
+            for i, c in zip(uniq.tolist(), counts.tolist()):
+                self._hits[i] = self._hits.get(i, 0.0) + c
 
     @property
     def hits(self) -> dict[int, float]:
         """Memory id -> number of times it was among the top-k (over layers, heads and tokens)."""
-        if self._pending:
-            flat = torch.cat([ids.reshape(-1) for ids in self._pending])
-            self._pending.clear()
-            uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
-            for i, c in zip(uniq.tolist(), counts.tolist()):
-                self._hits[i] = self._hits.get(i, 0.0) + c
+        self._count()
         return self._hits
 
     def top(self, n: int) -> list[tuple[int, float]]:

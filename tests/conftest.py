@@ -29,7 +29,8 @@ def tiny_model():
 
 
 class BruteForceMemory:
-    """Test double with the Memory search/fetch contract: exact inner-product search over RAM tensors."""
+    """Test double with the whole MemoryView contract (kvmap.ports.MemoryView): exact inner-product
+    search over RAM tensors, token offsets equal to ids, one document of one source."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], model_id: str = "tiny"):
         # keys[l], values[l]: (H, N, d) pre-RoPE
@@ -43,12 +44,38 @@ class BruteForceMemory:
         k = min(k, self.n_tokens)
         return scores.topk(k, dim=-1)
 
-    def fetch(self, layer, ids):
+    def search_streamed(self, layer, queries, k):
+        return self.search(layer, queries, k)
+
+    def fetch(self, layer, ids, release=False):
         h = torch.arange(ids.shape[0]).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
-        return self.keys[layer][h, ids], self.values[layer][h, ids]
+        safe = ids.clamp(min=0)
+        keys, values = self.keys[layer][h, safe], self.values[layer][h, safe]
+        pad = (ids < 0)[..., None]
+        return keys.masked_fill(pad, 0.0), values.masked_fill(pad, 0.0)
 
     def offsets(self, ids):
         return ids.clone()
+
+    def entry(self, id, score=0.0):
+        from kvmap.ports import MemoryEntry
+
+        return MemoryEntry(source="<ram>", doc_id=0, offset=int(id), text=f"t{int(id)}", score=float(score))
+
+    def token_texts(self):
+        return [f"t{i}" for i in range(self.n_tokens)]
+
+    def block_means(self, layer, block_size):
+        return torch.stack([c.mean(1) for c in self.keys[layer].float().split(block_size, dim=1)], dim=1)
+
+    def block_bounds(self, layer, block_size):
+        import numpy as np
+
+        chunks = self.keys[layer].float().split(block_size, dim=1)
+        lo = torch.stack([c.amin(1) for c in chunks], dim=1)  # (H, n_blocks, d)
+        hi = torch.stack([c.amax(1) for c in chunks], dim=1)
+        starts = np.arange(0, self.n_tokens, block_size, dtype=np.int64)
+        return lo, hi, starts, np.minimum(block_size, self.n_tokens - starts)
 
 
 @pytest.fixture

@@ -113,7 +113,7 @@ def test_candidates_are_picked_once_and_reused_while_decoding(tmp_path):
 def test_decode_fast_path_equals_the_general_path(tmp_path, monkeypatch):
     """A decoded token among reused candidates: the fused C kernel and the few-ops PyTorch path both
     give the general path's logits and take the same memories (padded candidates included)."""
-    import kvmap.models.llama as llama
+    import kvmap.models.attend as attend
     from kvmap.models import kernel
 
     if shutil.which("cc") or shutil.which("gcc"):
@@ -121,7 +121,7 @@ def test_decode_fast_path_equals_the_general_path(tmp_path, monkeypatch):
     memory, port = _two_segment_memory(tmp_path)
     logits, taken = {}, {}
     for path in ("kernel", "torch", "general"):
-        monkeypatch.setattr(llama, "FAST_DECODE", path != "general")
+        monkeypatch.setattr(attend, "FAST_DECODE", path != "general")
         if path == "torch":
             monkeypatch.setattr(kernel, "decode_kernel", lambda: None)
         for reuse, nxt in ((6, 2), (1, 0)):  # (1, 0): fewer distinct candidates than top_k, so padding

@@ -141,7 +141,8 @@ def test_local_layers_import_only_memories_inside_their_window(distance, importi
         keys, values = _export(port, ids)
         memory = SpyMemory(keys, values)
         with port.importing(memory, ImportConfig.from_options(top_k=4, distance=distance, placement="fixed")) as trace:
-            out = model.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=4, do_sample=False)
+            prompt = torch.randint(1, 128, (1, 5))  # no pad id (0): generate would infer padding, which import refuses
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
     assert out.shape[1] == 9
     assert memory.searched == importing_layers
     assert trace.hits and all(0 <= i < 20 for i in trace.hits)

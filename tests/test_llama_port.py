@@ -149,7 +149,7 @@ def test_ordered_placement_keeps_reading_order_behind_the_query():
                 outs[placement] = model(prompt).logits
     assert not torch.allclose(outs["fixed"], outs["ordered"])  # order now changes the scores
     # reference: every memory (k = all 12) placed at distance 20 + (11 - id), computed by hand for layer 0
-    from kvmap.models.llama import _PortState, _attend_with_memory
+    from kvmap.models.attend import _PortState, _attend_with_memory
 
     attn = port.attentions[0]
     q = torch.randn(1, 4, 1, 16)

@@ -76,8 +76,35 @@ class BridgedMemory:
     def n_tokens(self) -> int:
         return self._memory().n_tokens
 
-    def __getattr__(self, name):  # search, fetch, kv, block_means, offsets, token_texts
-        return getattr(self._memory(), name)
+    # The MemoryView, each method delegated to the mapped TensorMemory (mapped again when the source
+    # has exported more).
+
+    def kv(self, layer: int):
+        return self._memory().kv(layer)
+
+    def search(self, layer: int, queries: torch.Tensor, k: int):
+        return self._memory().search(layer, queries, k)
+
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int):
+        return self._memory().search_streamed(layer, queries, k)
+
+    def fetch(self, layer: int, ids: torch.Tensor, release: bool = False):
+        return self._memory().fetch(layer, ids, release)
+
+    def offsets(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._memory().offsets(ids)
+
+    def entry(self, id: int, score: float = 0.0):
+        return self._memory().entry(id, score)
+
+    def token_texts(self) -> list[str]:
+        return self._memory().token_texts()
+
+    def block_means(self, layer: int, block_size: int) -> torch.Tensor:
+        return self._memory().block_means(layer, block_size)
+
+    def block_bounds(self, layer: int, block_size: int):
+        return self._memory().block_bounds(layer, block_size)
 
 
 def import_config(adapter: KVAdapter, distance: int = 4096) -> ImportConfig:

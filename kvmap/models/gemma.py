@@ -41,6 +41,12 @@ class LayerRotary:
     def __call__(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary_emb(x, position_ids, self.layer_type)
 
+    @property
+    def rope_type(self) -> str:
+        """This layer type's rope type (transformers keeps one per layer type)."""
+        types = getattr(self.rotary_emb, "rope_type", "default")
+        return types.get(self.layer_type, "default") if isinstance(types, dict) else types
+
     def __repr__(self) -> str:
         return f"LayerRotary({self.layer_type})"
 
@@ -48,14 +54,21 @@ class LayerRotary:
 class _WindowedMemory:
     """A memory as a sliding-window layer sees it with true placement: after the search, a memory that
     sits ``window`` or more tokens behind the query (``offset <= position - window``) gets id ``-1``,
-    which :func:`kvmap.models.llama._attend_with_memory` masks out. Everything else is delegated."""
+    which :func:`kvmap.models.attend._attend_with_memory` masks out.
+
+    Only token retrieval honours the window; block retrieval and retrieval reuse pick their memories
+    once for many positions, so this view refuses ``search_streamed``, ``block_means`` and
+    ``block_bounds`` (true placement is for parity tests). The rest is delegated explicitly.
+    """
 
     def __init__(self, memory, window: int):
         self.memory, self.window = memory, window
+        self.path, self.model_id, self.layout = memory.path, memory.model_id, memory.layout
         self.positions: torch.Tensor | None = None  # (T,) positions of the current queries, set per forward
 
-    def __getattr__(self, name):
-        return getattr(self.memory, name)
+    @property
+    def n_tokens(self) -> int:
+        return self.memory.n_tokens
 
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, ids = self.memory.search(layer, queries, k)  # (Hkv, r*T, k)
@@ -66,6 +79,31 @@ class _WindowedMemory:
         offsets = self.memory.offsets(ids).to(ids.device)
         visible = (ids >= 0) & (offsets > pos[None, :, None] - self.window)
         return scores.masked_fill(~visible, float("-inf")), ids.masked_fill(~visible, -1)
+
+    def _refuse(self, what: str):
+        raise KVMapError(f"{what} on a sliding-window layer with true placement cannot honour the window; "
+                         "use placement ordered or fixed, or token retrieval")
+
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int):
+        self._refuse("retrieval reuse")
+
+    def block_means(self, layer: int, block_size: int):
+        self._refuse("block retrieval")
+
+    def block_bounds(self, layer: int, block_size: int):
+        self._refuse("block retrieval")
+
+    def fetch(self, layer: int, ids: torch.Tensor, release: bool = False):
+        return self.memory.fetch(layer, ids, release)
+
+    def offsets(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.memory.offsets(ids)
+
+    def entry(self, id: int, score: float = 0.0):
+        return self.memory.entry(id, score)
+
+    def token_texts(self) -> list[str]:
+        return self.memory.token_texts()
 
 
 def _gemma_attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,

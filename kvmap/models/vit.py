@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmap.errors import KVMapError, MemoryFormatError
+from kvmap.errors import KVMapError
 from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, Recorder, attached_forwards
 
 
@@ -197,10 +197,3 @@ class ViTMemoryPort(MemoryPort):
         with self._attached(state):
             yield state.trace
 
-    def check_memory(self, memory) -> None:
-        """Refuse a memory made for another model or with another K/V layout (one-line error)."""
-        where = getattr(memory, "path", "<memory>")
-        if memory.model_id != self.model_id:
-            raise MemoryFormatError(f"memory {where} was made for model '{memory.model_id}', not '{self.model_id}'")
-        if memory.layout != self.layout:
-            raise MemoryFormatError(f"memory {where} has layout {memory.layout}, the model has {self.layout}")

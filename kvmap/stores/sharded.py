@@ -1,8 +1,11 @@
 """A memory whose search runs in Ray actors, one shard of segments each, searched in parallel.
 
 Each actor opens the same memory folder (a shared filesystem on a cluster) and searches only its
-own segments; the caller merges the shards' top-k. Everything else (``fetch``, texts, offsets)
-reads the memory-mapped folder locally, so only queries and top-k ids cross process boundaries::
+own segments, with the store's index (``search``) or exactly, streamed (``search_streamed``, what
+retrieval reuse picks its candidates with); the caller merges the shards' top-k. Everything else
+(``fetch``, texts, offsets, block summaries) reads the memory-mapped folder locally, so only queries
+and top-k ids cross process boundaries. Every method of :class:`kvmap.ports.MemoryView` is written
+out here (no fall-through); ``writer`` and ``forget`` are not offered: a sharded memory is read-only::
 
     memory = ShardedMemory("mem/", n_shards=4)                 # ray.init() locally
     memory = ShardedMemory("mem/", n_shards=16, address="ray://head:10001")   # a Ray cluster
@@ -41,6 +44,9 @@ class _Shard:
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.memory.search(layer, queries, k, segments=self.segments)
 
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.memory.search_streamed(layer, queries, k, segments=self.segments)
+
 
 class ShardedMemory:
     """A :class:`~kvmap.stores.memory.Memory` whose ``search`` is split over Ray actors.
@@ -77,25 +83,71 @@ class ShardedMemory:
         self.shards = [actor.remote(folder, list(range(i, n_segments, n_shards))) for i in range(n_shards)]
         self._ray = ray
 
+    @property
+    def path(self):
+        return self.local.path
+
+    @property
+    def model_id(self) -> str:
+        return self.local.model_id
+
+    @property
+    def layout(self):
+        return self.local.layout
+
+    @property
+    def n_tokens(self) -> int:
+        return self.local.n_tokens
+
+    @property
+    def n_segments(self) -> int:
+        return self.local.n_segments
+
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over all shards: each shard's top-k, merged. Same contract as ``Memory.search``."""
+        return self._merged("search", layer, queries, k)
+
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k over all shards, each streaming its own segments' keys. Same contract as
+        ``Memory.search_streamed``; the candidates retrieval reuse picks are the single process's."""
+        return self._merged("search_streamed", layer, queries, k)
+
+    def _merged(self, method: str, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.shards:
+            raise InputError("this sharded memory was closed; open a new ShardedMemory")
         device = queries.device
         q = queries.detach().to("cpu", torch.float32).contiguous()
-        parts = self._ray.get([shard.search.remote(layer, q, k) for shard in self.shards])
-        scores = torch.cat([s for s, _ in parts], dim=-1)  # (H, M, k * n_shards)
+        parts = self._ray.get([getattr(shard, method).remote(layer, q, k) for shard in self.shards])
+        scores = torch.cat([s for s, _ in parts], dim=-1)  # (H, M, k' * n_shards)
         ids = torch.cat([i for _, i in parts], dim=-1)
         if len(parts) > 1:
-            scores, pick = scores.topk(k, dim=-1)
+            scores, pick = scores.topk(min(k, scores.shape[-1]), dim=-1)
             ids = ids.gather(-1, pick)
         return scores.to(device), ids.to(device)
+
+    def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local.fetch(layer, ids, release)
+
+    def offsets(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.local.offsets(ids)
+
+    def entry(self, id: int, score: float = 0.0):
+        return self.local.entry(id, score)
+
+    def token_texts(self) -> list[str]:
+        return self.local.token_texts()
+
+    def sources(self) -> list[dict]:
+        return self.local.sources()
+
+    def block_means(self, layer: int, block_size: int) -> torch.Tensor:
+        return self.local.block_means(layer, block_size)
+
+    def block_bounds(self, layer: int, block_size: int):
+        return self.local.block_bounds(layer, block_size)
 
     def close(self) -> None:
         """Stop the shard actors (Ray itself stays up for other work)."""
         for shard in self.shards:
             self._ray.kill(shard)
         self.shards = []
-
-    def __getattr__(self, name):  # fetch, layout, model_id, n_tokens, offsets, token_texts, block_means...
-        if name in ("writer", "forget"):  # the shards would keep the old segments and id numbering
-            raise InputError(f"a sharded memory is read-only; {name} through Memory.open(path), then shard it again")
-        return getattr(self.local, name)

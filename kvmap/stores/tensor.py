@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kvmap.errors import InputError
-from kvmap.ports import KVLayout, MemoryPort
+from kvmap.ports import KVLayout, MemoryEntry, MemoryPort
 
 
 class TensorMemory:
@@ -68,13 +68,22 @@ class TensorMemory:
         scores = torch.einsum("hqd,hmd->hqm", queries.float(), keys.detach().float())
         return scores.topk(min(k, keys.shape[1]), dim=-1)
 
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same exact search (the entries are in RAM already)."""
+        return self.search(layer, queries, k)
+
     def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (ids.shape + (d,)) of ids (H, ...); differentiable in the stored tensors.
         ``release`` is for file-backed memories; these tensors stay in RAM."""
         keys, values = self._first(layer)
         h, d = keys.shape[0], keys.shape[-1]
-        flat = ids.reshape(h, -1, 1).expand(-1, -1, d)  # (H, P, d)
-        return (keys.gather(1, flat).reshape(*ids.shape, d), values.gather(1, flat).reshape(*ids.shape, d))
+        if ids.shape[0] != h:
+            raise InputError(f"ids must have the {h} KV heads as first dimension, got {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.max()) >= keys.shape[1] or int(ids.min()) < -1):
+            raise InputError(f"memory ids must be -1 or in 0..{keys.shape[1] - 1}")
+        flat = ids.clamp(min=0).reshape(h, -1, 1).expand(-1, -1, d)  # (H, P, d); -1 reads entry 0, zeroed below
+        keep = (ids >= 0).reshape(*ids.shape, 1).to(keys.dtype)
+        return (keys.gather(1, flat).reshape(*ids.shape, d) * keep, values.gather(1, flat).reshape(*ids.shape, d) * keep)
 
     def block_means(self, layer: int, block_size: int) -> torch.Tensor:
         keys, _ = self._first(layer)
@@ -95,6 +104,12 @@ class TensorMemory:
 
     def token_texts(self) -> list[str]:
         return [f"<entry {i}>" for i in range(self.n_tokens)]
+
+    def entry(self, id: int, score: float = 0.0) -> MemoryEntry:
+        """Provenance of entry ``id``: these entries have no source text, only their index."""
+        if not 0 <= int(id) < self.n_tokens:
+            raise InputError(f"memory id {id} is out of range 0..{self.n_tokens - 1}")
+        return MemoryEntry(source=self.path, doc_id=0, offset=int(id), text=f"<entry {int(id)}>", score=float(score))
 
 
 @contextlib.contextmanager
