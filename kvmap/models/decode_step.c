@@ -19,7 +19,13 @@
  *   k_local, v_local (n_kv, s, d)   the local (rotated) keys and values, cache included
  *   out      (n_kv, r, d)           attention output
  *   ids_out  (n_kv, r, k)           the memory ids each query head took, in reading order (-1: none)
- * Returns 0, or -1 when scratch memory could not be allocated.
+ * Top-k: the k highest scores slots[.., k-1, :] . key; on equal scores the earlier candidate wins (a
+ * stable sort by (-score, index)); padding (cand < 0) and -inf/NaN scores are never taken, and
+ * slots left unfilled (k > the candidates taken) come last in reading order with id -1. A query
+ * with nothing to attend to (no candidate taken, s = 0) gets a zero output.
+ * Returns 0; -1 when scratch memory could not be allocated (or its size overflows); -2 for bad
+ * arguments (k, d, n_kv or r < 1, n_cand or s < 0, half not 0/1, a NULL array that is read),
+ * before anything is read or written.
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,6 +35,8 @@
 #include <immintrin.h>
 #endif
 
+#define KVMAP_OUT_OF_MEMORY (-1)
+#define KVMAP_BAD_ARGUMENTS (-2)
 #define LANES 16
 #define PANEL 8  /* candidates per key panel: one vector register of float32 on AVX2 */
 /* PANEL floats as one vector (GCC/Clang vector extension); aligned(4) allows unaligned loads. */
@@ -102,15 +110,26 @@ int kvmap_decode_step(int n_kv, int r, int k, int d, int64_t n_cand, int64_t s,
                       const int64_t *cand,
                       const float *q_local, const float *k_local, const float *v_local, float scale,
                       float *out, int64_t *ids_out) {
+    /* k == 0 would write best[-1] and pick[-1] below: refuse every size the loops cannot take. */
+    if (n_kv < 1 || r < 1 || k < 1 || d < 1 || n_cand < 0 || s < 0 || (half != 0 && half != 1))
+        return KVMAP_BAD_ARGUMENTS;
+    if (!slots || !q_local || !out || !ids_out || (n_cand > 0 && (!keys || !panels || !values || !cand))
+        || (s > 0 && (!k_local || !v_local)))
+        return KVMAP_BAD_ARGUMENTS;
+    /* Scratch sizes: refuse (as out of memory) any that would overflow size_t. */
+    const size_t max_elems = SIZE_MAX / sizeof(int64_t) / 2;
+    if ((uint64_t)n_cand > max_elems / (size_t)r - PANEL || (uint64_t)s > max_elems - (size_t)k)
+        return KVMAP_OUT_OF_MEMORY;
     int64_t n_panels = (n_cand + PANEL - 1) / PANEL, n_padded = n_panels * PANEL;
-    float *scores = malloc(sizeof(float) * (size_t)r * n_padded);
-    float *logits = malloc(sizeof(float) * (size_t)(k + s));
+    /* + 1: never malloc(0), which may return NULL (n_cand == 0 is allowed) */
+    float *scores = malloc(sizeof(float) * ((size_t)r * (size_t)n_padded + 1));
+    float *logits = malloc(sizeof(float) * ((size_t)k + (size_t)s));
     float *best = malloc(sizeof(float) * (size_t)k);
     int64_t *pick = malloc(sizeof(int64_t) * (size_t)k);
     float *zeros = calloc((size_t)d, sizeof(float));
     if (!scores || !logits || !best || !pick || !zeros) {
         free(scores); free(logits); free(best); free(pick); free(zeros);
-        return -1;
+        return KVMAP_OUT_OF_MEMORY;
     }
     for (int h = 0; h < n_kv; h++) {
         const float *hk = keys + (size_t)h * n_cand * d, *hv = values + (size_t)h * n_cand * d;
@@ -168,10 +187,11 @@ int kvmap_decode_step(int n_kv, int r, int k, int d, int64_t n_cand, int64_t s,
                 if (logits[k + t] > top) top = logits[k + t];
             }
             /* Softmax over both parts, then the weighted values. */
-            float total = 0.0f;
-            for (int64_t j = 0; j < k + s; j++) total += (logits[j] = expf(logits[j] - top));
             float *o = out + ((size_t)h * r + i) * d;
             memset(o, 0, sizeof(float) * (size_t)d);
+            if (top == -INFINITY) continue;  /* nothing to attend to (no candidate taken, s == 0) */
+            float total = 0.0f;
+            for (int64_t j = 0; j < k + s; j++) total += (logits[j] = expf(logits[j] - top));
             for (int j = 0; j < k; j++)
                 if (logits[j] > 0.0f) axpy(o, logits[j] / total, hv + (size_t)pick[j] * d, d);
             for (int64_t t = 0; t < s; t++)
