@@ -8,6 +8,7 @@ recomputed: the cost per token is constant and the positions never leave the mod
 from __future__ import annotations
 
 import hashlib
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -33,6 +34,14 @@ class ReaderConfig:
     remember_sinks: bool = False
     """Store the sink tokens in memory too. Off by default: sinks draw large attention whatever the
     query, so in memory they fill the top-k of every search (measured: see README)."""
+
+    def __post_init__(self) -> None:
+        from kvmap.errors import InputError
+
+        for name, low in (("chunk_size", 1), ("context", 0), ("sinks", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise InputError(f"{name} must be a whole number, {low} or more, got {value!r}")
 
 
 @dataclass
@@ -80,7 +89,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 class ChunkCache:
-    """Chunk K/V keyed by the exact token prefix (and reader settings) they were read after.
+    """Chunk K/V keyed by the model (id and layout), the exact token prefix and the reader settings.
 
     A chunk's K/V depend only on the tokens before and in it, so a document that repeats another's
     opening (benchmark haystacks built from the same filler) can reuse them: the results are the ones
@@ -115,7 +124,9 @@ def read_tokens(port: MemoryPort, ids: list[int], config: ReaderConfig | None = 
     config = config or ReaderConfig()
     sink_k = sink_v = None
     ctx_k = ctx_v = None
-    prefix_hash = hashlib.sha1(repr((config.chunk_size, config.context, config.sinks)).encode())
+    # the model's identity is part of the key: two models never share chunks (one ChunkCache may serve several)
+    identity = (getattr(port, "model_id", None), port.layout.as_dict(), config.chunk_size, config.context, config.sinks)
+    prefix_hash = hashlib.sha1(repr(identity).encode())
     for start in range(0, len(ids), config.chunk_size):
         chunk_ids = ids[start:start + config.chunk_size]
         prefix_hash.update(np.asarray(chunk_ids, dtype=np.int64).tobytes())
@@ -148,8 +159,11 @@ def read_tokens(port: MemoryPort, ids: list[int], config: ReaderConfig | None = 
 
 def read_into(port: MemoryPort, tokenizer, memory, source: str, documents: Iterable[str],
               config: ReaderConfig | None = None, progress: bool = True,
-              chunk_cache: ChunkCache | None = None) -> ReadStats:
+              chunk_cache: ChunkCache | None = None, replace: bool = False) -> ReadStats:
     """Read ``documents`` (texts) into ``memory`` as one source; atomic: all or nothing.
+
+    ``replace``: the new segment takes the place of whatever ``source`` held, in the one manifest
+    replace that commits it; a read that fails or is killed midway leaves the old copy.
 
     Returns the number of tokens read and the wall time (tokens/s shown on the progress bar).
     """
@@ -158,7 +172,7 @@ def read_into(port: MemoryPort, tokenizer, memory, source: str, documents: Itera
     total = sum(len(d) for d in docs)
     began = time.perf_counter()
     bar = tqdm(total=total, unit="tok", desc=f"remember {source}", disable=not progress, dynamic_ncols=True)
-    with memory.writer(source) as writer:
+    with (memory.writer(source, replace=True) if replace else memory.writer(source)) as writer:
         for doc_id, ids in enumerate(docs):
             texts = token_texts(tokenizer, ids)
             for start, keys, values in read_tokens(port, ids, config, chunk_cache):

@@ -35,6 +35,11 @@ class LoadedModel:
     _port: object = field(default=None, repr=False)
 
     @property
+    def window(self) -> int | None:
+        """The model's context window in tokens (``max_position_embeddings``), None if its config does not say."""
+        return context_window(self.model)
+
+    @property
     def port(self):
         """The model's MemoryPort (chosen by model type, made once)."""
         if self._port is None:
@@ -44,9 +49,46 @@ class LoadedModel:
         return self._port
 
 
+def context_window(model) -> int | None:
+    """Positions a model was trained for (``max_position_embeddings`` of its, or its text model's, config)."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        window = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(window, int) and window > 0:
+            return window
+    return None
+
+
 def cache_dir() -> Path:
-    """Where de-quantized weights and demo memories live (``$KVMAP_CACHE``, default ``~/.cache/kvmap``)."""
-    return Path(os.environ.get("KVMAP_CACHE", Path.home() / ".cache" / "kvmap"))
+    """Where de-quantized weights and demo memories live (``$KVMAP_CACHE``, default ``~/.cache/kvmap``).
+
+    Made if missing; a path that is not a folder or cannot be made is a one-line ``ModelLoadError``.
+    """
+    named = "KVMAP_CACHE" in os.environ
+    path = Path(os.environ["KVMAP_CACHE"] if named else Path.home() / ".cache" / "kvmap").expanduser()
+    what = f"KVMAP_CACHE={path}" if named else f"the cache folder {path}"
+    fix = "point KVMAP_CACHE at a writable folder"
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{what} is not a folder; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelLoadError(f"cannot make {what} ({err.strerror}); {fix}") from None
+    return path
+
+
+def writable_cache(sub: str) -> Path:
+    """``cache_dir() / sub``, made if missing and checked writable before a long job writes there."""
+    folder = cache_dir() / sub
+    fix = "point KVMAP_CACHE at a writable folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ModelLoadError(f"cannot write in the cache folder {folder} ({err.strerror}); {fix}") from None
+    return folder
 
 
 def _package_dir(module: str, install_hint: str) -> Path:
@@ -75,7 +117,7 @@ def _gemma3_gguf() -> Path:
 
         target = cache_dir() / "gguf" / g.MODEL_NAME
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            writable_cache("gguf")
             tmp = target.with_name(f".tmp-{uuid.uuid4().hex}.gguf")
             try:
                 g.assemble(tmp)
@@ -100,6 +142,7 @@ def _dequantize_once(name: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    writable_cache("models")  # before the minutes of de-quantizing, not after
     gguf = BUILTIN[name][1]()
     tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
     try:

@@ -1,0 +1,6 @@
+"""``python -m kvmap.cli``."""
+import sys
+
+from kvmap.cli import main
+
+sys.exit(main())

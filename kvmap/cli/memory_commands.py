@@ -1,0 +1,257 @@
+"""``kvmap remember``, ``ask``, ``forget`` and ``info``: a memory folder's life."""
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+
+from kvmap.cli import checks
+from kvmap.cli.options import (REUSE_FLAGS, TOKEN_FLAGS, add_field_option, add_import_options, at_least, given,
+                               import_config, store_choices)
+from kvmap.errors import InputError, KVMapError
+
+ASK_MODES = ("splice", "splice-attention", "import")
+"""Kept equal to :data:`kvmap.answer.ASK_MODES` (a test checks), so ``kvmap --help`` needs no torch import."""
+
+
+def load(model: str | None):
+    from kvmap.models.loading import load_model
+
+    return load_model(model)
+
+
+def model_for_memory(memory, requested: str | None) -> str | None:
+    """The model to load for a memory: the one asked for, else the built-in that made the memory."""
+    from kvmap.models.loading import BUILTIN
+
+    if requested:
+        return requested
+    for name, (model_id, _) in BUILTIN.items():
+        if model_id == memory.model_id:
+            return name
+    raise KVMapError(f"memory {memory.path} was made by '{memory.model_id}'; pass that checkpoint with --model PATH")
+
+
+# -- remember ------------------------------------------------------------------------------------
+
+def _read_inputs(args) -> dict[str, tuple[str, str]]:
+    """Every input read and checked (before the model loads): source name -> (path, text)."""
+    from kvmap.textfiles import read_text
+
+    if args.files.count("-") > 1:
+        raise InputError("'-' (standard input) is given more than once; give it once")
+    out: dict[str, tuple[str, str]] = {}
+    for path in args.files:
+        text = read_text(path, max_bytes=args.max_bytes)
+        source = checks.source_name(path, text)
+        if source in out:
+            print(f"{source}: given twice, read once", file=sys.stderr)
+            continue
+        out[source] = (path, text)
+    return out
+
+
+def _plan(memory, inputs: dict, tokenizer, reader, replace: bool) -> list[str]:
+    """The sources to read; one already in memory is skipped (same text) or needs ``--replace`` (another text)."""
+    known = {s["source"] for s in memory.sources()}
+    todo = []
+    for source, (_, text) in inputs.items():
+        if source in known and not replace:
+            sinks = 0 if reader.remember_sinks else reader.sinks
+            if not checks.same_text(memory, source, tokenizer, text, sinks):
+                raise InputError(f"{source}: memory {memory.path} already holds a different text under this name "
+                                 f"(another file of that name, or an older version); pass --replace to replace it, "
+                                 f"or give this file another path")
+            print(f"{source}: already in memory with the same text, skipped", file=sys.stderr)
+            continue
+        todo.append(source)
+    return todo
+
+
+def _writer_replaces(memory) -> bool:
+    """Whether this Memory's ``writer`` swaps a source in atomically (``writer(source, replace=True)``)."""
+    return "replace" in inspect.signature(memory.writer).parameters
+
+
+def cmd_remember(args) -> int:
+    from kvmap.reader import ReaderConfig, read_into
+    from kvmap.stores import Memory
+
+    reader = ReaderConfig(chunk_size=args.chunk_size)  # bad sizes fail before the model loads
+    folder = checks.memory_folder(args.memory, create=True)
+    inputs = _read_inputs(args)
+    lm = load(args.model)
+    port = lm.port
+    memory = Memory.open_or_create(folder, lm.model_id, port.layout, store=args.store)
+    port.check_memory(memory)
+    known = {s["source"] for s in memory.sources()}
+    for source in _plan(memory, inputs, lm.tokenizer, reader, args.replace):
+        replace = source in known
+        if replace and not _writer_replaces(memory):  # older stores: forget first (not crash safe)
+            memory.forget(source)
+            replace = False
+        stats = read_into(port, lm.tokenizer, memory, source, [inputs[source][1]], reader,
+                          progress=not args.quiet, replace=replace)
+        print(f"{source}: {stats.n_tokens} tokens in {stats.seconds:.1f}s ({stats.tokens_per_s:.0f} tok/s)"
+              + (", replacing the old copy" if source in known else ""))
+    print(f"memory {folder}: {memory.n_tokens} tokens from {len(memory.sources())} source(s)")
+    return 0
+
+
+def add_remember(sub) -> None:
+    from kvmap.reader import ReaderConfig
+    from kvmap.textfiles import MAX_BYTES
+
+    r = sub.add_parser("remember", help="read text files into a memory folder")
+    r.add_argument("files", nargs="+", help="UTF-8 (or UTF-16 with BOM) text files ('-' reads standard input, "
+                                            "remembered as <stdin:HASH>)")
+    r.add_argument("--memory", required=True, help="memory folder (created if missing)")
+    r.add_argument("--model", help="built-in name (smollm2-135m, gemma3-270m) or local checkpoint folder")
+    r.add_argument("--store", default=None, choices=store_choices(),
+                   help="search structure for a new memory (exact); an existing memory keeps its own")
+    add_field_option(r, "--chunk-size", ReaderConfig, "chunk_size", type=int,
+                     default=ReaderConfig().chunk_size)
+    r.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                   help=f"largest file read (default {MAX_BYTES >> 20} MiB)")
+    r.add_argument("--replace", action="store_true",
+                   help="read files already in memory again; the old copy stays until the new one is complete")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_remember)
+
+
+# -- ask -----------------------------------------------------------------------------------------
+
+SPLICE_ALLOWS = {"splice": (), "splice-attention": ("layers",)}
+"""Import options that also apply in the splice modes (the others would be ignored there, so they are refused)."""
+
+
+def ask_config(args):
+    """The ImportConfig of ``kvmap ask`` (before the model loads): splice modes start from preset("splice")."""
+    from kvmap.presets import PRESETS
+
+    typed = given(args, {**TOKEN_FLAGS, **REUSE_FLAGS})
+    if args.mode in SPLICE_ALLOWS:
+        ignored = [name for name in typed if name not in SPLICE_ALLOWS[args.mode]]
+        if ignored:
+            flags = ", ".join({**TOKEN_FLAGS, **REUSE_FLAGS}[n] for n in ignored)
+            raise InputError(f"{flags} apply to --mode import only, not --mode {args.mode}; "
+                             f"drop them or add --mode import")
+        return import_config(args, base=PRESETS["splice"])
+    return import_config(args)
+
+
+def _fit_memory(args, config, memory):
+    """``config`` checked against the memory: not empty; a typed top-k within its size, the default capped."""
+    if memory.n_tokens == 0:
+        raise InputError(f"memory {memory.path} is empty; remember something first "
+                         f"(kvmap remember FILE --memory {memory.path})")
+    if args.mode == "import" and config.top_k > memory.n_tokens:
+        if args.top_k is not None:
+            raise InputError(f"--top-k {config.top_k} is more than the {memory.n_tokens} tokens in memory "
+                             f"{memory.path}; give at most {memory.n_tokens}")
+        config = config.with_options(top_k=memory.n_tokens)
+    return config
+
+
+def _prompt_tokens(lm, args, config, memory) -> int:
+    """Tokens of the prompt ``ask`` will run: the chat prompt, plus the spliced blocks in splice mode."""
+    from kvmap.answer import chat_prompt, context_prompt
+
+    if args.mode in SPLICE_ALLOWS and not args.no_memory:
+        before, after = context_prompt(lm.tokenizer, args.question)
+        return len(before) + len(after) + min(memory.n_tokens, config.blocks.size * config.blocks.n_blocks)
+    return len(chat_prompt(lm.tokenizer, args.question))
+
+
+def cmd_ask(args) -> int:
+    from kvmap.answer import ask
+    from kvmap.stores import Memory
+
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
+    config = ask_config(args)  # bad options fail before the model loads
+    memory = Memory.open(checks.memory_folder(args.memory, create=False))
+    if not args.no_memory:
+        config = _fit_memory(args, config, memory)
+    lm = load(model_for_memory(memory, args.model))
+    if not args.no_memory:
+        lm.port.check_memory(memory)
+    checks.check_window(lm.window, _prompt_tokens(lm, args, config, memory), args.max_new_tokens)
+    answer = ask(lm, args.question, None if args.no_memory else memory, config,
+                 max_new_tokens=args.max_new_tokens, mode=args.mode)
+    if args.json:
+        print(json.dumps({"answer": answer.text,
+                          "memories": [{"source": m.source, "text": m.text, "score": m.score} for m in answer.memories],
+                          "sources": answer.source_shares}))
+        return 0
+    print(answer.text)
+    if answer.memories:
+        print("\nmemories that came back (source, hits, text):")
+        for m in answer.memories:
+            print(f"  {m.source:30.30s} {m.score:6.0f}  {m.text[:90]}")
+    return 0
+
+
+def add_ask(sub) -> None:
+    a = sub.add_parser("ask", help="answer a question using a memory")
+    a.add_argument("question")
+    a.add_argument("--memory", required=True)
+    a.add_argument("--model", help="defaults to the model that made the memory")
+    a.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
+    a.add_argument("--no-memory", action="store_true", help="answer without importing memories (baseline)")
+    a.add_argument("--json", action="store_true", help="print one JSON object {answer, memories}")
+    a.add_argument("--mode", default="splice", choices=ASK_MODES,
+                   help="splice (default): the memory blocks BM25 ranks best for the question (preset 'splice'), "
+                        "their stored K/V spliced into the prompt; splice-attention: the question's queries pick "
+                        "the blocks (--layers applies); import: every query's top-k memory tokens join attention "
+                        "(the seed's method; the options below apply)")
+    add_import_options(a)
+    a.set_defaults(func=cmd_ask)
+
+
+# -- forget, info --------------------------------------------------------------------------------
+
+def cmd_forget(args) -> int:
+    from kvmap.stores import Memory
+
+    memory = Memory.open(checks.memory_folder(args.memory, create=False))
+    removed = memory.forget(args.source)
+    print(f"forgot {args.source}: {removed} tokens; {memory.n_tokens} remain")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from kvmap.stores import Memory
+
+    memory = Memory.open(checks.memory_folder(args.dir, create=False, flag="memory"), verify=args.verify)
+    disk = sum(f.stat().st_size for f in memory.path.rglob("*") if f.is_file() and not f.is_symlink())
+    info = {"path": str(memory.path), "model": memory.model_id, "n_tokens": memory.n_tokens,
+            "store": memory.store_kind, "layout": memory.layout.as_dict(), "disk_bytes": disk,
+            "sources": memory.sources()}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"memory {info['path']}\n  model   {info['model']}\n  store   {info['store']}\n"
+          f"  tokens  {info['n_tokens']}\n  disk    {disk / 2**20:.1f} MiB "
+          f"({disk / max(1, memory.n_tokens):.0f} bytes/token)")
+    for s in info["sources"]:
+        print(f"  - {s['source']}: {s['n_tokens']} tokens")
+    return 0
+
+
+def add_forget_info(sub) -> None:
+    f = sub.add_parser("forget", help="remove one source from a memory")
+    f.add_argument("source")
+    f.add_argument("--memory", required=True)
+    f.set_defaults(func=cmd_forget)
+
+    i = sub.add_parser("info", help="describe a memory folder")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", dest="verify", action="store_false", help="skip checksum verification")
+    i.set_defaults(func=cmd_info)
+
+
+def add_parsers(sub) -> None:
+    add_remember(sub)
+    add_ask(sub)
+    add_forget_info(sub)
