@@ -1,7 +1,6 @@
 """``kvmap remember``, ``ask``, ``forget`` and ``info``: a memory folder's life."""
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 
@@ -68,11 +67,6 @@ def _plan(memory, inputs: dict, tokenizer, reader, replace: bool) -> list[str]:
     return todo
 
 
-def _writer_replaces(memory) -> bool:
-    """Whether this Memory's ``writer`` swaps a source in atomically (``writer(source, replace=True)``)."""
-    return "replace" in inspect.signature(memory.writer).parameters
-
-
 def cmd_remember(args) -> int:
     from kvmap.reader import ReaderConfig, read_into
     from kvmap.stores import Memory
@@ -86,12 +80,9 @@ def cmd_remember(args) -> int:
     port.check_memory(memory)
     known = {s["source"] for s in memory.sources()}
     for source in _plan(memory, inputs, lm.tokenizer, reader, args.replace):
-        replace = source in known
-        if replace and not _writer_replaces(memory):  # older stores: forget first (not crash safe)
-            memory.forget(source)
-            replace = False
+        # replace: the new copy is written first and swapped in by one manifest replace
         stats = read_into(port, lm.tokenizer, memory, source, [inputs[source][1]], reader,
-                          progress=not args.quiet, replace=replace)
+                          progress=not args.quiet, replace=source in known)
         print(f"{source}: {stats.n_tokens} tokens in {stats.seconds:.1f}s ({stats.tokens_per_s:.0f} tok/s)"
               + (", replacing the old copy" if source in known else ""))
     print(f"memory {folder}: {memory.n_tokens} tokens from {len(memory.sources())} source(s)")
