@@ -9,11 +9,9 @@ from kvmap.errors import InputError
 from kvmap.stores import Memory
 from test_stores import LAYOUT, MODEL, remember
 
-ray = pytest.importorskip("ray")
-
-
 @pytest.fixture(scope="module")
 def ray_local():
+    ray = pytest.importorskip("ray")  # only the tests that need Ray skip without it
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     except Exception as err:  # a machine where Ray cannot start (no shared memory...): not a kvmap bug
@@ -73,3 +71,45 @@ def test_more_shards_than_ray_cpus_is_refused_not_a_hang(tmp_path, ray_local):
         remember(mem, f"s{i}.txt", np.random.default_rng(i), [5], doc=i)
     with pytest.raises(InputError, match="CPUs Ray has free"):
         ShardedMemory(tmp_path / "m", n_shards=3)
+
+
+def test_reuse_candidates_come_from_the_shards_and_equal_one_process(tmp_path, ray_local):
+    """Retrieval reuse picks its candidates with search_streamed: a ShardedMemory must stream-search in its
+    shards (not in its local copy) and give the single process's candidates, hence the same logits."""
+    from conftest import tiny_llama
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.ports import ImportConfig
+    from kvmap.reader import ReaderConfig, read_into
+    from kvmap.stores.sharded import ShardedMemory
+
+    port = LlamaMemoryPort(tiny_llama(), model_id="tiny")
+
+    class Tok:  # token ids given as text "1 2 3"
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(x) for x in text.split()]}
+
+        def batch_decode(self, ids):
+            return [str(i[0]) for i in ids]
+
+    mem = Memory.create(tmp_path / "m", "tiny", port.layout)
+    # distinct token ids: a repeated token has the same layer-0 key, and an exact tie at the k-th place
+    # may be resolved either way (torch.topk has no tie rule), which would blur what is compared here
+    tokens = np.random.default_rng(0).permutation(128)[:90]
+    for i in range(3):
+        read_into(port, Tok(), mem, f"s{i}", [" ".join(map(str, tokens[30 * i:30 * (i + 1)]))],
+                  ReaderConfig(chunk_size=8, context=8), progress=False)
+    config = ImportConfig.from_options(top_k=4, reuse=6, reuse_next=2)
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad(), port.importing(Memory.open(tmp_path / "m"), config):
+        want = port.model(prompt).logits
+    sharded = ShardedMemory(tmp_path / "m", n_shards=3, expect_model_id="tiny", cpus_per_shard=0.1)
+    try:
+        def refuse(*args, **kwargs):
+            raise AssertionError("searched the local copy, not the shards")
+
+        sharded.local.search_streamed = refuse
+        with torch.no_grad(), port.importing(sharded, config):
+            got = port.model(prompt).logits
+        torch.testing.assert_close(got, want)
+    finally:
+        sharded.close()

@@ -194,7 +194,8 @@ def _decode_among_candidates(state: _PortState, layer: int, q: torch.Tensor, q_r
     scores = torch.bmm(per_slot[:, :, -1], keys.transpose(1, 2))  # (Hkv, r, C)
     if padded:
         scores = scores.masked_fill(cand[:, None, :] < 0, float("-inf"))
-    pick = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # reading order: slot j is k-1-j places old
+    # ties go to the earliest candidate, as in the C kernel; then reading order: slot j is k-1-j places old
+    pick = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
     ids, mem_k, mem_v = _gather(state, cand, keys, values, pick)
     mem_logits = (per_slot * mem_k).sum(-1)  # (Hkv, r, k), scaled
     if padded:

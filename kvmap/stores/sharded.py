@@ -146,6 +146,17 @@ class ShardedMemory:
     def block_bounds(self, layer: int, block_size: int):
         return self.local.block_bounds(layer, block_size)
 
+    def writer(self, source: str, replace: bool = False):
+        self._read_only("writer")
+
+    def forget(self, source: str) -> int:
+        self._read_only("forget")
+
+    @staticmethod
+    def _read_only(name: str):
+        # the shards would keep the old segments and id numbering
+        raise InputError(f"a sharded memory is read-only; {name} through Memory.open(path), then shard it again")
+
     def close(self) -> None:
         """Stop the shard actors (Ray itself stays up for other work)."""
         for shard in self.shards:
