@@ -47,6 +47,7 @@ class Loads:
 
         self.calls = 0
         self.lm = LoadedModel(model=tiny_llama(), tokenizer=CharTokenizer(), model_id="tiny")
+        self.lm.model.config.max_position_embeddings = WINDOW  # room for the reader's 512 + 4 + 512 tokens
 
     def __call__(self, name):
         self.calls += 1
@@ -107,6 +108,7 @@ def text_file(tmp_path):
     return make
 
 
+WINDOW = 2048
 TALE = "Once upon a time a frog lived in a well near the castle of the king. " * 2
 
 
@@ -424,14 +426,14 @@ def test_splice_mode_uses_the_splice_preset(capsys, fake_lm, tiny_memory, monkey
 @pytest.mark.parametrize("mode", ["splice", "import"])
 def test_question_over_the_window_is_refused_before_generating(capsys, fake_lm, tiny_memory, monkeypatch, mode):
     monkeypatch.setattr("kvmap.answer.ask", lambda *a, **k: pytest.fail("generation began"))
-    rc, _, err = cli(capsys, "ask", "why " * 200, "--memory", tiny_memory, "--model", "tiny", "--mode", mode)
-    one_line_error(rc, err, "window of 512 tokens", "shorten it")
+    rc, _, err = cli(capsys, "ask", "why " * 600, "--memory", tiny_memory, "--model", "tiny", "--mode", mode)
+    one_line_error(rc, err, "window of 2048 tokens", "shorten it")
 
 
 def test_max_new_tokens_over_the_window_is_refused(capsys, fake_lm, tiny_memory, monkeypatch):
     monkeypatch.setattr("kvmap.answer.ask", lambda *a, **k: pytest.fail("generation began"))
     rc, _, err = cli(capsys, "ask", "Who?", "--memory", tiny_memory, "--model", "tiny", "--max-new-tokens", "100000")
-    one_line_error(rc, err, "--max-new-tokens 100000", "window of 512")
+    one_line_error(rc, err, "--max-new-tokens 100000", "window of 2048")
 
 
 def test_a_real_answer_still_comes_back(capsys, fake_lm, tmp_path, text_file):
@@ -531,3 +533,9 @@ def test_real_model_probes(tmp_path):
     assert run_cli("remember", tmp_path / "tale.txt", "--memory", tmp_path / "mem", "--quiet").returncode == 0
     proc = run_cli("ask", "why " * 25_000, "--memory", tmp_path / "mem", timeout=300)  # 100k characters
     one_line_error(proc.returncode, proc.stderr.decode(), "window of 8192 tokens")
+
+
+def test_chunk_size_over_the_window_is_refused(capsys, fake_lm, tmp_path, text_file):
+    rc, _, err = cli(capsys, "remember", text_file("a.txt", TALE), "--memory", tmp_path / "mem", "--model", "tiny",
+                     "--chunk-size", "100000")
+    one_line_error(rc, err, "--chunk-size 100000", "window of 2048 tokens", "at most 1532")

@@ -67,6 +67,17 @@ def _plan(memory, inputs: dict, tokenizer, reader, replace: bool) -> list[str]:
     return todo
 
 
+def _check_chunk(reader, window: int | None) -> None:
+    """A chunk read after its context and sinks must fit the model's window."""
+    room = None if window is None else window - reader.context - reader.sinks
+    if room is not None and room < 1:
+        raise InputError(f"the model's window of {window} tokens leaves no room for the reader's "
+                         f"{reader.context + reader.sinks} tokens of context; use a model with a longer window")
+    if room is not None and reader.chunk_size > room:
+        raise InputError(f"--chunk-size {reader.chunk_size} does not fit the model's window of {window} tokens with "
+                         f"{reader.context + reader.sinks} tokens of context; give at most {room}")
+
+
 def cmd_remember(args) -> int:
     from kvmap.reader import ReaderConfig, read_into
     from kvmap.stores import Memory
@@ -75,6 +86,7 @@ def cmd_remember(args) -> int:
     folder = checks.memory_folder(args.memory, create=True)
     inputs = _read_inputs(args)
     lm = load(args.model)
+    _check_chunk(reader, lm.window)
     port = lm.port
     memory = Memory.open_or_create(folder, lm.model_id, port.layout, store=args.store)
     port.check_memory(memory)
