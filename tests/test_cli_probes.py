@@ -539,3 +539,19 @@ def test_chunk_size_over_the_window_is_refused(capsys, fake_lm, tmp_path, text_f
     rc, _, err = cli(capsys, "remember", text_file("a.txt", TALE), "--memory", tmp_path / "mem", "--model", "tiny",
                      "--chunk-size", "100000")
     one_line_error(rc, err, "--chunk-size 100000", "window of 2048 tokens", "at most 1532")
+
+
+def test_bench_scale_reuse_zero_turns_the_preset_off():
+    from kvmap.cli import build_parser
+    from kvmap.cli.options import import_config
+    from kvmap.ports import ImportConfig
+    from kvmap.presets import PRESETS
+
+    args = build_parser().parse_args(["bench", "scale", "--reuse", "0"])
+    assert import_config(args, base=PRESETS["scale-1m"]) == ImportConfig()
+
+
+@pytest.mark.parametrize("command", [["demo"], ["bench", "scale"]])
+def test_demo_and_bench_memory_through_a_regular_file(capsys, text_file, command):
+    rc, _, err = cli(capsys, *command, "--memory", text_file("regular", "x") / "sub")
+    one_line_error(rc, err, "not a folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+from kvmap.cli import checks
 from kvmap.cli.memory_commands import load
 from kvmap.cli.options import add_import_options, at_least, comma_ints, import_config, store_choices
 from kvmap.errors import KVMapError
@@ -103,7 +104,8 @@ def cmd_bench_scale(args) -> int:
     tokens = args.tokens[0]
     at_least("--tokens", tokens, 1)
     name = f"{tokens // 1_000_000}m" if tokens % 1_000_000 == 0 else f"{tokens // 1000}k"
-    memory = Path(args.memory).expanduser() if args.memory else cache_dir() / "scale" / f"{args.corpus}-{name}"
+    memory = (checks.memory_folder(args.memory, create=True) if args.memory
+              else cache_dir() / "scale" / f"{args.corpus}-{name}")
     out = Path(args.out or f"runs/scale/{args.corpus}-{name}")
     out.mkdir(parents=True, exist_ok=True)
     lm = load(args.model)

@@ -1,6 +1,7 @@
 """``kvmap limb``, ``kvmap bridge`` and ``kvmap demo``: the limb policy, cross-model adapters, the tale demo."""
 from __future__ import annotations
 
+from kvmap.cli import checks
 from kvmap.errors import InputError
 
 
@@ -71,6 +72,8 @@ def cmd_demo(args) -> int:
 
     if args.tales < 1:
         raise InputError(f"--tales must be 1 or more, got {args.tales}")
+    if args.memory:
+        checks.memory_folder(args.memory, create=True)
     return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild)
 
 

@@ -125,7 +125,10 @@ def import_options(args, base: dict | None = None) -> dict:
     """Flat import options: ``base`` (a preset's) overridden by what the user typed; ``--layers`` parsed."""
     from kvmap.config import parse_layers
 
-    options = {**(base or {}), **given(args, {**TOKEN_FLAGS, **REUSE_FLAGS})}
+    typed = given(args, {**TOKEN_FLAGS, **REUSE_FLAGS})
+    options = {**(base or {}), **typed}
+    if options.get("reuse") == 0:  # --reuse 0 turns a preset's reuse off, with its followers
+        options = {k: v for k, v in options.items() if k in typed or not k.startswith("reuse_")}
     if isinstance(options.get("layers"), str):
         options["layers"] = parse_layers(options["layers"])
     return options
