@@ -127,7 +127,7 @@ def _segments(path: Path) -> list[str]:
         return [r["name"] for r in json.load(f)["segments"]]
 
 
-def _crafted(kind: str, n: int, data) -> tuple[str, bytes]:
+def _crafted(kind: str, seg: Path, n: int, data) -> tuple[str, bytes]:
     """A file of wrong content (right name) for a segment of n tokens, drawn from ``data``."""
     what = data.draw(st.sampled_from(["tokens", "texts", "kv", "lsh", "faiss", "bounds"]))
     length = n + data.draw(st.sampled_from([0, 0, -1, 1, -n]))
@@ -153,9 +153,14 @@ def _crafted(kind: str, n: int, data) -> tuple[str, bytes]:
         return "lsh00.npz", npz(planes=np.ones((16 * 8, 9), np.float32) * data.draw(st.sampled_from([1.0, np.nan])),
                                 scale=np.ones(h, np.float32), codes=np.zeros((h, t, max(length, 0)), np.uint8),
                                 order=order.astype(data.draw(st.sampled_from(["int32", "int64", "uint8", "float32"]))))
-    if what == "faiss" and kind == "flat":
+    if what == "faiss" and kind == "flat":  # the real file, cut or with a header byte changed
         name = data.draw(st.sampled_from(["l00h00.faiss", "l01h01.faiss"]))
-        return name, data.draw(st.binary(max_size=200))
+        raw = bytearray((seg / name).read_bytes()) if (seg / name).is_file() else bytearray()
+        if raw and data.draw(st.booleans()):
+            raw[data.draw(st.integers(0, min(63, len(raw) - 1)))] ^= data.draw(st.integers(1, 255))
+        else:
+            raw = raw[: data.draw(st.integers(0, len(raw)))] + data.draw(st.binary(max_size=16))
+        return name, bytes(raw)
     buf = io.BytesIO()  # a bounds cache of the wrong shape or dtype (derived data: must be ignored)
     np.save(buf, np.zeros((2, 2, data.draw(st.integers(0, 9)), 2, 8), data.draw(st.sampled_from(["float16", "float64"]))))
     return "bounds-b8.npy", buf.getvalue()
@@ -212,8 +217,10 @@ def damage(path: Path, kind: str, sentinel: Path, data) -> None:
         names, manifest = _segments_safe(path), _manifest_safe(path)
         if names and manifest:
             rec = manifest["segments"][data.draw(st.integers(0, 9)) % len(names)]
-            file, raw = _crafted(kind, rec["n_tokens"], data)
             seg = path / "segments" / rec["name"]
+            if not _real(path, seg):
+                return
+            file, raw = _crafted(kind, seg, rec["n_tokens"], data)
             if not (_real(path, seg / file) and _real(path, seg / "meta.json") and _real(path, path / "manifest.json")):
                 return
             with _tolerant():

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import kvmap.stores.memory as memory_module
-import kvmap.stores.segment as segment_module
+import kvmap.stores.writer as segment_module  # SegmentWriter and its file writes
 from kvmap.errors import InputError, KVMapError, MemoryFormatError
 from kvmap.stores import Memory
 from test_stores import LAYOUT, MODEL, ROOT, make_tokens, one_line, queries, remember

@@ -28,13 +28,14 @@ import os
 import re
 import shutil
 import stat
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from kvmap.errors import InputError, KVMapError, MemoryFormatError
+from kvmap.fileio import write_json_atomic
+from kvmap.ports import KVLayout
 from kvmap.stores.base import STORE_KINDS, make_index
 
 try:  # advisory lock between writers and cleanup (POSIX); without it cleanup is unguarded
@@ -287,6 +288,38 @@ def record_problem(rec: Any) -> str | None:
     return None
 
 
+def check_expected(path: Path, manifest: dict, model_id: str | None, layout: KVLayout | None) -> None:
+    """Refuse a memory made by another model or of another K/V layout."""
+    if model_id is not None and manifest["model_id"] != model_id:
+        made_by = manifest["model_id"]
+        raise MemoryFormatError(f"memory {path} was made by model {made_by}, not {model_id}; "
+                                f"use --model {made_by} or a new --memory folder")
+    found = KVLayout(**manifest["layout"])
+    if layout is not None and found != layout:
+        raise MemoryFormatError(f"memory {path} holds K/V of layout {found.as_dict()}, not {layout.as_dict()}; "
+                                "use the model that made it or a new --memory folder")
+
+
+def create_folder(path: Path, manifest: dict) -> None:
+    """Make the folder of a new, empty memory: ``segments/`` and the manifest.
+
+    ``path`` must not exist or be an empty folder. On failure the folder is left as empty as it
+    was, so that creating it can be retried.
+    """
+    try:
+        if os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(path.iterdir())):
+            raise MemoryFormatError(f"{path} exists and is not an empty folder; choose a new --memory folder")
+        (path / SEGMENTS).mkdir(parents=True, exist_ok=True)
+        try:
+            write_json_atomic(path / MANIFEST, manifest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                (path / SEGMENTS).rmdir()
+            raise
+    except OSError as err:
+        raise write_error(path, err, "create") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # meta.json
 
@@ -341,59 +374,6 @@ def meta_problem(meta: Any, rec: dict, manifest: dict) -> str | None:
     if missing:
         return f"it does not record {missing[0]}"
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# .npy / .npz with bounded reads
-
-
-def _read_array(f, name: str, shape: tuple, kinds: str) -> np.ndarray:
-    """Read one ``.npy`` stream after checking its header: no pickles, no surprise sizes.
-
-    ``shape`` may hold None for a free axis. A header is checked before any data is read, so a
-    damaged file that claims 10**12 values costs nothing.
-    """
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        got, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        got, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"{name}: .npy version {version}")
-    if dtype.hasobject or dtype.kind not in kinds or dtype.itemsize > 8 or len(got) != len(shape) \
-            or any(w is not None and w != g for w, g in zip(shape, got)):
-        raise ValueError(f"{name} holds {dtype} {got}, expected shape {shape}")
-    count = int(np.prod(got, dtype=np.int64))
-    if count * dtype.itemsize > 1 << 36:
-        raise ValueError(f"{name} is too large")
-    data = f.read(count * dtype.itemsize)
-    if len(data) != count * dtype.itemsize:
-        raise ValueError(f"{name} is truncated")
-    return np.frombuffer(data, dtype=dtype).reshape(got, order="F" if fortran else "C")
-
-
-def read_npz(file: Path, spec: dict[str, tuple[tuple, str]]) -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` named in ``spec`` (name -> (shape, dtype kinds, e.g. "iu")), checked.
-
-    Raises ``ValueError`` (or zipfile's errors) on anything unexpected; callers turn that into
-    a ``MemoryFormatError``. The file must be a regular file (symlinks are refused).
-    """
-    if os.path.islink(file):
-        raise ValueError(f"{file.name} is a symlink")
-    with zipfile.ZipFile(file) as z:
-        out = {}
-        for name, (shape, kinds) in spec.items():
-            with z.open(f"{name}.npy") as f:
-                out[name] = _read_array(f, name, shape, kinds)
-        return out
-
-
-def read_npy(file: Path, shape: tuple, kinds: str) -> np.ndarray:
-    """One checked ``.npy`` file (see :func:`read_npz`)."""
-    if os.path.islink(file):
-        raise ValueError(f"{file.name} is a symlink")
-    with open(file, "rb") as f:
-        return _read_array(f, file.name, shape, kinds)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ class LSHIndex:
     def load(self, folder: Path, layer: int, keys: np.ndarray) -> None:
         """Read and check the tables: shapes, dtypes, and every ``order`` entry a token of this
         segment (a damaged one would index outside the keys)."""
-        from kvmap.stores.folder import read_npz  # the memory folder's checked reader
+        from kvmap.stores.npyfile import read_npz  # checked header, bounded reads, no pickles
 
         n, h, d = keys.shape
         tables = (h, self.n_tables, n)

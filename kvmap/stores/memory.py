@@ -30,10 +30,11 @@ from kvmap.ports import KVLayout, MemoryEntry
 from kvmap.stores import scan
 from kvmap.stores.base import STORE_KINDS, KVIndex, canonical_kind, make_index
 from kvmap.stores.folder import (  # noqa: F401  (re-exported: the format's names)
-    BUSY, DTYPES, FORMAT_VERSION, HELD, LOCK, MANIFEST, SEGMENTS, TMP_PREFIX, check_folder, cleanup, lock,
-    read_manifest, write_error,
+    BUSY, DTYPES, FORMAT_VERSION, HELD, LOCK, MANIFEST, SEGMENTS, TMP_PREFIX, check_expected, check_folder,
+    cleanup, create_folder, lock, read_manifest, write_error,
 )
-from kvmap.stores.segment import Segment, SegmentWriter, as_numpy, open_segment
+from kvmap.stores.segment import Segment, as_numpy, open_segment, open_segments
+from kvmap.stores.writer import SegmentWriter
 
 _Segment = Segment  # the old private name
 
@@ -76,18 +77,7 @@ class Memory:
         make_index(kind, **params)  # reject bad parameters now, not at the first commit
         manifest = {"format_version": FORMAT_VERSION, "model_id": model_id, "layout": layout.as_dict(),
                     "dtype": dtype, "store": {"kind": kind, "params": params}, "segments": [], "n_tokens": 0}
-        try:
-            if os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(path.iterdir())):
-                raise MemoryFormatError(f"{path} exists and is not an empty folder; choose a new --memory folder")
-            (path / SEGMENTS).mkdir(parents=True, exist_ok=True)
-            try:
-                write_json_atomic(path / MANIFEST, manifest)
-            except BaseException:  # leave the folder as empty as it was, so create can be retried
-                with contextlib.suppress(OSError):
-                    (path / SEGMENTS).rmdir()
-                raise
-        except OSError as err:
-            raise write_error(path, err, "create") from None
+        create_folder(path, manifest)
         return cls(path, manifest, [])
 
     @classmethod
@@ -101,21 +91,12 @@ class Memory:
         """
         path = Path(path)
         manifest = read_manifest(path)
-        _check_expected(path, manifest, expect_model_id, expect_layout)
+        check_expected(path, manifest, expect_model_id, expect_layout)
         check_folder(path)
         cleanup(path)
-        for attempt in range(3):
-            try:
-                return cls(path, manifest, [open_segment(path, r, manifest, verify) for r in manifest["segments"]])
-            except MemoryFormatError:
-                # A writer or ``forget`` in another process may have changed the memory between
-                # our manifest read and the segments: read the new manifest and try again.
-                current = read_manifest(path)
-                if current == manifest or attempt == 2:
-                    raise
-                manifest = current
-                _check_expected(path, manifest, expect_model_id, expect_layout)
-        raise AssertionError("unreachable")  # pragma: no cover
+        manifest, segments = open_segments(path, manifest, verify, lambda m: check_expected(
+            path, m, expect_model_id, expect_layout))
+        return cls(path, manifest, segments)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, model_id: str, layout: KVLayout, store: str | None = None,
@@ -129,10 +110,8 @@ class Memory:
         if os.path.lexists(path / MANIFEST):
             mem = cls.open(path, expect_model_id=model_id, expect_layout=layout)
             if store is not None and canonical_kind(store) != mem.store_kind:
-                raise MemoryFormatError(
-                    f"memory {path} uses store {mem.store_kind}, not {store}; "
-                    f"use --store {mem.store_kind} or a new --memory folder"
-                )
+                raise MemoryFormatError(f"memory {path} uses store {mem.store_kind}, not {store}; "
+                                        f"use --store {mem.store_kind} or a new --memory folder")
             return mem
         return cls.create(path, model_id, layout, store=store or "exact", store_params=store_params)
 
@@ -324,15 +303,8 @@ class Memory:
             if chosen != tuple(range(len(self._segments))):  # the concatenation is not the global numbering
                 ids = scan.chosen_to_global(ids, [self._segments[s].n_tokens for s in chosen], self._bases[list(chosen)])
             return scores.to(device), ids.to(device)
-        all_s, all_i = [], []
-        for s in chosen:
-            scores, ids = self._segments[s].search(layer, self.store_kind, self.store_params, q, k)
-            all_s.append(scores)
-            all_i.append(torch.where(ids >= 0, ids + int(self._bases[s]), ids))  # local -> global ids
-        scores, ids = torch.cat(all_s, dim=-1), torch.cat(all_i, dim=-1)  # (H, M, k * n_chosen)
-        if len(chosen) > 1:
-            scores, pick = scores.topk(k, dim=-1)
-            ids = ids.gather(-1, pick)
+        segs = [self._segments[s] for s in chosen]
+        scores, ids = scan.search_indexes(segs, self._bases[list(chosen)], layer, self.store_kind, self.store_params, q, k)
         return scores.to(device), ids.to(device)
 
     def search_streamed(self, layer: int, queries: torch.Tensor, k: int, chunk: int = 1 << 15,
@@ -392,18 +364,8 @@ class Memory:
         if ids.dim() < 1 or ids.shape[0] != H:
             raise InputError(f"ids must have the {H} KV heads as first dimension, got {tuple(ids.shape)}")
         flat = as_numpy(ids, "ids").astype(np.int64).reshape(H, -1)  # (H, P)
-        heads = np.broadcast_to(np.arange(H)[:, None], flat.shape)
-        seg_of, valid = self._locate(flat)
-        keys = np.zeros(flat.shape + (d,), dtype=np.float32)
-        values = np.zeros(flat.shape + (d,), dtype=np.float32)
-        for s in np.unique(seg_of[valid]):
-            seg = self._segments[s]
-            mask = seg_of == s
-            rows = flat[mask] - self._bases[s]
-            keys[mask] = seg.keys(layer)[rows, heads[mask]]  # (n_sel, d) gathered from the memmap
-            values[mask] = seg.values(layer)[rows, heads[mask]]
-            if release:
-                seg.release(layer)
+        seg_of, _ = self._locate(flat)
+        keys, values = scan.gather(self._segments, self._bases, layer, flat, seg_of, d, release)  # (H, P, d)
         shape = tuple(ids.shape) + (d,)
         return (torch.from_numpy(keys).reshape(shape).to(ids.device),
                 torch.from_numpy(values).reshape(shape).to(ids.device))
@@ -470,14 +432,3 @@ class Memory:
         if not 0 <= layer < self.layout.n_layers:
             raise InputError(f"layer {layer} is out of range 0..{self.layout.n_layers - 1}")
 
-
-def _check_expected(path: Path, manifest: dict, model_id: str | None, layout: KVLayout | None) -> None:
-    """Refuse a memory made by another model or of another K/V layout."""
-    if model_id is not None and manifest["model_id"] != model_id:
-        made_by = manifest["model_id"]
-        raise MemoryFormatError(f"memory {path} was made by model {made_by}, not {model_id}; "
-                                f"use --model {made_by} or a new --memory folder")
-    found = KVLayout(**manifest["layout"])
-    if layout is not None and found != layout:
-        raise MemoryFormatError(f"memory {path} holds K/V of layout {found.as_dict()}, not {layout.as_dict()}; "
-                                "use the model that made it or a new --memory folder")

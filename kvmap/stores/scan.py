@@ -42,6 +42,41 @@ def stream_topk(segments: Sequence[Segment], bases: Sequence[int], layer: int, q
     return best_s, best_i
 
 
+def search_indexes(segments: Sequence[Segment], bases: Sequence[int], layer: int, kind: str, params: dict,
+                   queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the segments' own (persistent) indexes, merged: scores, global ids (H, M, k)."""
+    all_s, all_i = [], []
+    for seg, base in zip(segments, bases):
+        scores, ids = seg.search(layer, kind, params, queries, k)  # (H, M, k) local ids
+        all_s.append(scores)
+        all_i.append(torch.where(ids >= 0, ids + int(base), ids))  # local -> global ids
+    scores, ids = torch.cat(all_s, dim=-1), torch.cat(all_i, dim=-1)  # (H, M, k * n_segments)
+    if len(segments) > 1:
+        scores, pick = scores.topk(k, dim=-1)
+        ids = ids.gather(-1, pick)
+    return scores, ids
+
+
+def gather(segments: Sequence[Segment], bases: np.ndarray, layer: int, ids: np.ndarray, seg_of: np.ndarray,
+           head_dim: int, release: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values (H, P, d) float32 of global ids (H, P) from the segments' memory-maps.
+
+    ``seg_of`` (H, P) is each id's segment (``len(segments)`` for -1, which gives zeros);
+    ``release`` unmaps the touched pages afterwards (:meth:`Segment.release`).
+    """
+    heads = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
+    keys = np.zeros(ids.shape + (head_dim,), dtype=np.float32)
+    values = np.zeros(ids.shape + (head_dim,), dtype=np.float32)
+    for s in np.unique(seg_of[seg_of < len(segments)]):
+        seg, mask = segments[s], seg_of == s
+        rows = ids[mask] - bases[s]
+        keys[mask] = seg.keys(layer)[rows, heads[mask]]  # (n_sel, d) gathered from the memmap
+        values[mask] = seg.values(layer)[rows, heads[mask]]
+        if release:
+            seg.release(layer)
+    return keys, values
+
+
 def chosen_to_global(ids: torch.Tensor, sizes: Sequence[int], bases: np.ndarray) -> torch.Tensor:
     """Ids into the concatenation of some segments -> global memory ids (-1 stays).
 
