@@ -555,3 +555,12 @@ def test_bench_scale_reuse_zero_turns_the_preset_off():
 def test_demo_and_bench_memory_through_a_regular_file(capsys, text_file, command):
     rc, _, err = cli(capsys, *command, "--memory", text_file("regular", "x") / "sub")
     one_line_error(rc, err, "not a folder")
+
+
+@pytest.mark.parametrize("option", ["--reuse", "--reuse-next"])
+def test_absurd_reuse_counts_are_refused(capsys, fake_lm, tiny_memory, option):
+    extra = ["--reuse", "8"] if option != "--reuse" else []
+    rc, _, err = cli(capsys, "ask", "Who?", "--memory", tiny_memory, "--model", "tiny", "--mode", "import",
+                     *extra, option, "1000000000")
+    one_line_error(rc, err, f"{option} 1000000000", "at most 30")
+    assert fake_lm.calls == 0

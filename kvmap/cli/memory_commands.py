@@ -148,11 +148,13 @@ def _fit_memory(args, config, memory):
     if memory.n_tokens == 0:
         raise InputError(f"memory {memory.path} is empty; remember something first "
                          f"(kvmap remember FILE --memory {memory.path})")
-    if args.mode == "import" and config.top_k > memory.n_tokens:
-        if args.top_k is not None:
-            raise InputError(f"--top-k {config.top_k} is more than the {memory.n_tokens} tokens in memory "
-                             f"{memory.path}; give at most {memory.n_tokens}")
-        config = config.with_options(top_k=memory.n_tokens)
+    n = memory.n_tokens
+    for name, value in given(args, {"top_k": "", **REUSE_FLAGS}).items():
+        if value > n:  # a count beyond the memory would only size buffers (1e9: a 1.3 TB allocation)
+            flag = {**TOKEN_FLAGS, **REUSE_FLAGS}[name]
+            raise InputError(f"{flag} {value} is more than the {n} tokens in memory {memory.path}; give at most {n}")
+    if args.mode == "import" and config.top_k > n:  # the default, for a small memory: all of it
+        config = config.with_options(top_k=n)
     return config
 
 
