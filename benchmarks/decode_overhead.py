@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kvmap.eval.passkey import make_example
+from kvmap.fileio import write_json_atomic
 from kvmap.models.loading import load_model
 from kvmap.ports import ImportConfig
 from kvmap.reader import read_into
@@ -50,7 +51,7 @@ def main() -> None:
               "decode_ms_no_memory": none, "decode_ms_memory": mem, "ratio": mem / none, "rounds": rounds}
     out = Path("runs/scale/decode_overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json_atomic(out, result, indent=1)
     print(json.dumps(result, indent=1))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kvmap.eval.passkey import depths, make_example, score
+from kvmap.fileio import write_json_atomic
 from kvmap.models.loading import load_model
 from kvmap.ports import ImportConfig, parse_layers
 from kvmap.reader import read_into
@@ -54,8 +55,7 @@ def main() -> None:
               "correct": summary, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".tmp").replace(out)
+    write_json_atomic(out, result, indent=1)
     print(json.dumps(summary))
 
 

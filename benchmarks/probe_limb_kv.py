@@ -10,13 +10,13 @@ split, scored on its test split. Writes runs/bridges/probe/metrics.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kvmap.bridges.tasks import make_examples
+from kvmap.fileio import write_json_atomic
 from kvmap.stores.tensor import recording
 from kvmap.training.limb import load_limb
 
@@ -67,9 +67,7 @@ def main() -> None:
         print(kind, {k: round(v, 2) for k, v in result["accuracy"][kind].items()}, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json_atomic(out, result, indent=1)
     print(f"wrote {out}")
 
 

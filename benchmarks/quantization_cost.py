@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from recall_real_kv import _RecordingMemory, questions, tie_aware_recall  # noqa: E402
 
+from kvmap.fileio import write_json_atomic  # noqa: E402
 from kvmap.models.loading import load_model  # noqa: E402
 from kvmap.ports import ImportConfig  # noqa: E402
 from kvmap.stores import Memory  # noqa: E402
@@ -46,12 +47,12 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model()
     memory = Memory.open(args.memory, expect_model_id=lm.model_id, verify=False)
-    segments, n = [], 0
-    for seg in memory._segments:
+    sizes, n = [], 0  # the first segments, up to --max-tokens
+    for size in memory.segment_sizes():
         if n >= args.max_tokens:
             break
-        segments.append(seg)
-        n += seg.n_tokens
+        sizes.append(size)
+        n += size
     recorder = _RecordingMemory(memory)
     with torch.no_grad(), lm.port.importing(recorder, ImportConfig.from_options(top_k=args.k)):
         for q in questions(lm.tokenizer, args.questions):
@@ -60,11 +61,10 @@ def main() -> None:
     scale = lm.port.attentions[0].scaling
     for layer in [int(x) for x in args.layers.split(",")]:
         queries = torch.cat(recorder.queries[layer], dim=1)  # (H, M, d)
-        k16 = np.concatenate([np.fromfile(s.folder / f"k{layer:02d}.bin", np.float16).reshape(s.n_tokens, *queries.shape[::2])
-                              for s in segments])
-        v16 = np.concatenate([np.fromfile(s.folder / f"v{layer:02d}.bin", np.float16).reshape(s.n_tokens, *queries.shape[::2])
-                              for s in segments])
-        bounds = np.cumsum([0] + [s.n_tokens for s in segments])
+        stored = [memory.segment_kv(i, layer) for i in range(len(sizes))]  # (n, H, d) each
+        k16 = np.concatenate([np.asarray(k, dtype=np.float16) for k, _ in stored])
+        v16 = np.concatenate([np.asarray(v, dtype=np.float16) for _, v in stored])
+        bounds = np.cumsum([0] + sizes)
         k8 = np.concatenate([int8_roundtrip(k16[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
         v8 = np.concatenate([int8_roundtrip(v16[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
         out = {}
@@ -89,8 +89,7 @@ def main() -> None:
               "rows": rows}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    path.with_suffix(".tmp").replace(path)
+    write_json_atomic(path, result, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kvmap.eval.tasks import haystack
+from kvmap.fileio import write_json_atomic
 from kvmap.models.loading import load_model
 from kvmap.ports import ImportConfig
 from kvmap.reader import read_into
@@ -115,8 +116,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"model": lm.model_id, "n_tokens": n}
-    out.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "mean_recall": summary, "rows": rows}, indent=1))
-    out.with_suffix(".tmp").replace(out)
+    write_json_atomic(out, {"settings": settings, "mean_recall": summary, "rows": rows}, indent=1)
     print(json.dumps(summary, indent=1))
     print(f"wrote {out}")
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from recall_real_kv import questions  # noqa: E402
 
 import kvmap.models.llama as llama  # noqa: E402
+from kvmap.fileio import write_json_atomic  # noqa: E402
 from kvmap.models.loading import load_model  # noqa: E402
 from kvmap.ports import ImportConfig, format_layers, parse_layers  # noqa: E402
 from kvmap.stores import Memory  # noqa: E402
@@ -42,6 +43,84 @@ def per_layer(rows: list[dict]) -> list[dict]:
              "recall": statistics.mean(x["recall"] for x in g), "n_queries": sum(x["n_queries"] for x in g),
              "candidates": statistics.mean(x["candidates"] for x in g)}
             for (budget, layer, first), g in groups.items()]
+
+
+def record_searches(lm, memory, layers: list[int], prompts: list[list[int]], budgets: list[str], k: int,
+                    new_tokens: int) -> tuple[list[dict], dict]:
+    """Answer every prompt with each reuse setting, recording each search of the measured layers.
+
+    Returns (one dict per search: setting, layer, prompt or decode, queries, ids, candidates; per setting
+    the median prompt-forward seconds and the total)."""
+    calls: list[dict] = []
+    real_retrieve = llama._retrieve
+    setting = None
+
+    def recording_retrieve(state, layer, queries, t):
+        first = layer not in state.candidates
+        out = real_retrieve(state, layer, queries, t)
+        if layer in layers:
+            calls.append({"budget": setting, "layer": layer, "first": first,
+                          "queries": queries.clone(), "ids": out[0].clone(),
+                          "candidates": (state.candidates[layer][0] >= 0).sum(1).float().mean().item()})
+        return out
+
+    llama._retrieve = recording_retrieve
+    llama.FAST_DECODE = False  # decode steps through _retrieve, so they are recorded (same results: a test)
+    seconds = {}
+    try:
+        for setting in budgets:
+            options = {key: int(value) for key, _, value in (o.partition("=") for o in setting.split(":"))}
+            config = ImportConfig.from_options(top_k=k, **{"reuse": 1, **options})
+            began = time.perf_counter()
+            first_s = [timed_greedy(lm.port, lm.tokenizer, p, new_tokens, memory, config).prefill_s for p in prompts]
+            seconds[setting] = {"prompt_s": statistics.median(first_s), "total_s": time.perf_counter() - began}
+            print(f"{setting}: {sum(c['budget'] == setting for c in calls)} searches recorded, "
+                  f"prompt forward {seconds[setting]['prompt_s']:.1f}s", flush=True)
+    finally:
+        llama._retrieve = real_retrieve
+    return calls, seconds
+
+
+def recall_rows(memory, calls: list[dict], layers: list[int], budgets: list[str], k: int) -> list[dict]:
+    """Recall@k of each recorded search against exact search over the whole memory (ties counted as hits)."""
+    rows = []
+    for layer in layers:
+        mine = [c for c in calls if c["layer"] == layer]
+        queries = torch.cat([c["queries"] for c in mine], dim=1)
+        kth = memory.search_streamed(layer, queries, k)[0][..., -1]  # exact k-th best score
+        start = 0
+        for c in mine:
+            m = c["queries"].shape[1]
+            ids, q = c["ids"], c["queries"]
+            keys = memory.fetch(layer, ids.clamp(min=0))[0]  # (H, M, k, d)
+            got = torch.einsum("hmd,hmkd->hmk", q, keys)
+            want = kth[:, start:start + m, None]
+            hit = ((got >= want - 1e-3 * want.abs()) & (ids >= 0)).float().mean().item()
+            rows.append({"layer": layer, "budget": c["budget"], "first": c["first"], "recall": hit, "n_queries": m,
+                         "candidates": c["candidates"]})
+            start += m
+        for budget in budgets:
+            for first in (True, False):
+                r = [x["recall"] for x in rows if x["layer"] == layer and x["budget"] == budget and x["first"] == first]
+                print(f"layer {layer:2d} {budget:18s} {'prompt' if first else 'decode'} recall@{k} "
+                      f"{statistics.mean(r):.3f}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], calls: list[dict], seconds: dict, budgets: list[str], layers: list[int]) -> dict:
+    """Per setting: recall (prompt, decode, all; weighted by queries), timings, candidates, decode recall by layer."""
+    def mean(budget: str, first: bool | None) -> float:
+        r = [(x["recall"], x["n_queries"]) for x in rows if x["budget"] == budget and (first is None or x["first"] == first)]
+        return sum(a * n for a, n in r) / sum(n for _, n in r)
+
+    def decode_by_layer(budget: str) -> dict[int, float]:
+        return {layer: statistics.mean(x["recall"] for x in rows if x["budget"] == budget and x["layer"] == layer
+                                       and not x["first"]) for layer in layers}
+
+    return {b: {"prompt": mean(b, True), "decode": mean(b, False), "all": mean(b, None), **seconds[b],
+                "candidates_per_head": statistics.median(c["candidates"] for c in calls if c["budget"] == b),
+                "decode_by_layer": decode_by_layer(b)}
+            for b in budgets}
 
 
 def main() -> None:
@@ -62,75 +141,15 @@ def main() -> None:
     layers = list(parse_layers(args.layers) if args.layers else range(lm.port.layout.n_layers))
     prompts = [lm.tokenizer(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
                for q in questions(lm.tokenizer, args.questions)]
-    calls: list[dict] = []
-    real_retrieve = llama._retrieve
-
-    setting = None
-
-    def recording_retrieve(state, layer, queries, t):
-        first = layer not in state.candidates
-        out = real_retrieve(state, layer, queries, t)
-        if layer in layers:
-            calls.append({"budget": setting, "layer": layer, "first": first,
-                          "queries": queries.clone(), "ids": out[0].clone(),
-                          "candidates": (state.candidates[layer][0] >= 0).sum(1).float().mean().item()})
-        return out
-
-    llama._retrieve = recording_retrieve
-    llama.FAST_DECODE = False  # decode steps through _retrieve, so they are recorded (same results: a test)
     budgets = args.settings.split(",")
-    seconds = {}
-    for setting in budgets:
-        options = {key: int(value) for key, _, value in (o.partition("=") for o in setting.split(":"))}
-        config = ImportConfig.from_options(top_k=args.k, **{"reuse": 1, **options})
-        began = time.perf_counter()
-        first_s = [timed_greedy(lm.port, lm.tokenizer, p, args.new_tokens, memory, config).prefill_s for p in prompts]
-        seconds[setting] = {"prompt_s": statistics.median(first_s), "total_s": time.perf_counter() - began}
-        print(f"{setting}: {sum(c['budget'] == setting for c in calls)} searches recorded, "
-              f"prompt forward {seconds[setting]['prompt_s']:.1f}s", flush=True)
-    llama._retrieve = real_retrieve
-
-    rows = []
-    for layer in layers:
-        mine = [c for c in calls if c["layer"] == layer]
-        queries = torch.cat([c["queries"] for c in mine], dim=1)
-        kth = memory.search_streamed(layer, queries, args.k)[0][..., -1]  # exact k-th best score
-        start = 0
-        for c in mine:
-            m = c["queries"].shape[1]
-            ids, q = c["ids"], c["queries"]
-            keys = memory.fetch(layer, ids.clamp(min=0))[0]  # (H, M, k, d)
-            got = torch.einsum("hmd,hmkd->hmk", q, keys)
-            want = kth[:, start:start + m, None]
-            hit = ((got >= want - 1e-3 * want.abs()) & (ids >= 0)).float().mean().item()
-            rows.append({"layer": layer, "budget": c["budget"], "first": c["first"], "recall": hit, "n_queries": m,
-                         "candidates": c["candidates"]})
-            start += m
-        for budget in budgets:
-            for first in (True, False):
-                r = [x["recall"] for x in rows if x["layer"] == layer and x["budget"] == budget and x["first"] == first]
-                print(f"layer {layer:2d} {budget:18s} {'prompt' if first else 'decode'} recall@{args.k} "
-                      f"{statistics.mean(r):.3f}", flush=True)
-
-    def mean(budget: str, first: bool | None) -> float:
-        r = [(x["recall"], x["n_queries"]) for x in rows if x["budget"] == budget and (first is None or x["first"] == first)]
-        return sum(a * n for a, n in r) / sum(n for _, n in r)
-
-    def decode_by_layer(budget: str) -> dict[int, float]:
-        return {layer: statistics.mean(x["recall"] for x in rows if x["budget"] == budget and x["layer"] == layer
-                                       and not x["first"]) for layer in layers}
-
-    summary = {b: {"prompt": mean(b, True), "decode": mean(b, False), "all": mean(b, None), **seconds[b],
-                   "candidates_per_head": statistics.median(c["candidates"] for c in calls if c["budget"] == b),
-                   "decode_by_layer": decode_by_layer(b)}
-               for b in budgets}
+    calls, seconds = record_searches(lm, memory, layers, prompts, budgets, args.k, args.new_tokens)
+    rows = recall_rows(memory, calls, layers, budgets, args.k)
+    summary = summarize(rows, calls, seconds, budgets, layers)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"model": lm.model_id, "n_tokens": memory.n_tokens,
                                                                      "layers": format_layers(tuple(layers))}
-    out.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "recall": summary, "rows": per_layer(rows)},
-                                                  indent=1))
-    out.with_suffix(".tmp").replace(out)
+    write_json_atomic(out, {"settings": settings, "recall": summary, "rows": per_layer(rows)}, indent=1)
     print(json.dumps({b: {k: v for k, v in x.items() if k != "decode_by_layer"} for b, x in summary.items()}, indent=1))
 
 

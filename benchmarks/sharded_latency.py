@@ -9,7 +9,6 @@ Writes runs/scale/sharded-latency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvmap.fileio import write_json_atomic
 from kvmap.ports import KVLayout
 from kvmap.stores import Memory
 from kvmap.stores.sharded import ShardedMemory
@@ -74,8 +74,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    out.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "layer_search": rows}, indent=1))
-    out.with_suffix(".tmp").replace(out)
+    write_json_atomic(out, {"settings": settings, "layer_search": rows}, indent=1)
     print(f"wrote {out}")
 
 

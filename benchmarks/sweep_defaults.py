@@ -8,13 +8,13 @@ variants are compared on identical examples. Writes runs/sweep/sweep.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from kvmap.eval.passkey import depths, make_example, score
+from kvmap.fileio import write_json_atomic
 from kvmap.models.llama import LlamaMemoryPort
 from kvmap.models.loading import load_model
 from kvmap.ports import ImportConfig
@@ -66,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"task": "passkey", "model": lm.model_id, "length": args.length, "examples": args.examples,
               "seconds": time.time() - began, "summary": summary, "rows": results}
-    (out / "sweep.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(out / "sweep.json", report, indent=1)
     for name, s in summary.items():
         print(f"{name:14s} {s['accuracy']:.0%} (n={s['n']}), decode {s['decode_ms_median']:.0f} ms/token")
 

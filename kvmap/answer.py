@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvmap.errors import InputError
 from kvmap.models.loading import LoadedModel
 from kvmap.ports import ImportConfig, ImportTrace, MemoryEntry, MemoryPort
 from kvmap.presets import preset
@@ -101,40 +102,24 @@ def context_prompt(tokenizer, question: str, instruction: str = "") -> tuple[lis
     return chat_parts(tokenizer, f"{head}<context>\n{_SLOT}\n</context>\n\nQuestion: {question}")
 
 
-@torch.no_grad()
-def continue_greedy(model, tokenizer, ids: list[int], cache, max_new_tokens: int, chunk: int = 2048):
-    """Feed ``ids`` after ``cache`` (in chunks) and decode greedily until EOS.
-
-    Returns (text, decode seconds, decode steps).
-    """
-    import time
-
-    from transformers import DynamicCache
-
-    cache = cache if cache is not None else DynamicCache(config=model.config)
-    for start in range(0, len(ids), chunk):
-        logits = model(torch.tensor(ids[start:start + chunk])[None], cache=cache, use_cache=True).logits[0, -1]
-    eos = tokenizer.eos_token_id
-    new = [int(logits.argmax())]
-    began = time.perf_counter()
-    while new[-1] != eos and len(new) < max_new_tokens:
-        out = model(torch.tensor([[new[-1]]]), cache=cache, use_cache=True)
-        new.append(int(out.logits[0, -1].argmax()))
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), time.perf_counter() - began, len(new) - 1
-
-
 def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", config: ImportConfig | None = None,
                 max_new_tokens: int = 64, port: MemoryPort | None = None) -> tuple[str, torch.Tensor]:
     """Answer with the memory blocks chosen for the question spliced into the prompt (see kvmap.splice).
 
-    ``choice``: ``bm25`` (block text) or ``attention`` (the question's queries). Returns the answer
-    text and the memory ids that were spliced in.
+    ``choice``: ``bm25`` (block text) or ``attention`` (the question's queries). ``config`` gives the
+    blocks (``config.blocks``: size, count); ``None``: the splice preset (8 blocks of 64 tokens).
+    Returns the answer text and the memory ids that were spliced in.
     """
+    from kvmap.decoding import greedy
     from kvmap.splice import bm25_blocks, choose_blocks, spliced_cache
 
     port = port or lm.port
     tok = lm.tokenizer
-    config = config if config is not None and config.blocks is not None else preset("splice")
+    if config is None:
+        config = preset("splice")
+    elif config.blocks is None:
+        raise InputError("splice modes need block settings (config.blocks); "
+                         "use kvmap.presets.preset('splice', ...) or ImportConfig.from_options(block_size=..., n_blocks=...)")
     if choice == "bm25":
         ids = bm25_blocks(memory, question, config.blocks.size, config.blocks.n_blocks)
     else:
@@ -142,8 +127,7 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
         ids = choose_blocks(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)
     before, after = context_prompt(tok, question)
     cache, _ = spliced_cache(port, memory, before, ids)
-    text, _, _ = continue_greedy(lm.model, tok, after, cache, max_new_tokens)
-    return text, ids
+    return greedy(lm.model, tok, after, max_new_tokens, cache).text.strip(), ids
 
 
 ASK_MODES = ("splice", "splice-attention", "import")
@@ -156,8 +140,9 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
 
     ``mode``: ``splice`` (default) splices the memory blocks BM25 picks for the question into the
     prompt; ``splice-attention`` lets the question's queries pick them (:mod:`kvmap.splice`);
-    ``import`` adds every query's top-k memory tokens to attention (the seed's token-level import,
-    configured by ``config``).
+    ``import`` adds every query's top-k memory tokens to attention (the seed's token-level import).
+    ``config`` configures either: in the splice modes it must have block settings (``None``: the
+    splice preset, :func:`kvmap.presets.preset`), in import mode ``None`` is the token-level default.
     """
     import time
 
@@ -166,7 +151,7 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
     began = time.perf_counter()
     if memory is not None and mode.startswith("splice"):
         choice = "attention" if mode == "splice-attention" else "bm25"
-        text, ids = ask_spliced(lm, question, memory, choice, None, max_new_tokens, port)
+        text, ids = ask_spliced(lm, question, memory, choice, config, max_new_tokens, port)
         answer = Answer(text=text, seconds=time.perf_counter() - began)
         trace = ImportTrace()
         trace.record(ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 from kvmap.answer import ask
 from kvmap.data import grimm_tales
 from kvmap.models.loading import cache_dir, load_model
-from kvmap.ports import ImportConfig
+from kvmap.presets import preset
 from kvmap.reader import read_into
 
 # (question, words one of which a correct answer contains). Picked from 17 candidates as the ones
@@ -62,7 +62,7 @@ def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = F
     lm, port, memory = build_memory(folder, n_tales, rebuild)
     print(f"\nMemory: {memory.n_tokens} tokens from {len(memory.sources())} tales "
           f"(SmolLM2's window is {lm.model.config.max_position_embeddings} tokens).\n")
-    config = ImportConfig()
+    config = preset("splice")  # what `kvmap ask` uses by default
     hits_with = hits_without = 0
     for question, expected in QUESTIONS:
         with_mem = ask(lm, question, memory, config, max_new_tokens=20, port=port)

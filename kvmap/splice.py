@@ -58,7 +58,7 @@ def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, 
     buffer), so a fact cut at a block edge comes with its sentence. Overlapping neighbourhoods
     merge, so this gives at most ``n_blocks * (1 + 2 * neighbours)`` blocks, fewer when chosen
     blocks sit close together (unlike the import path, which fills that budget)."""
-    from kvmap.eval.rag import BM25Retriever
+    from kvmap.retrieval import BM25Retriever
 
     texts = memory.token_texts()
     blocks = ["".join(texts[i:i + block_size]) for i in range(0, len(texts), block_size)]

@@ -8,6 +8,8 @@ import torch
 
 from kvmap.bridges import KVAdapter
 
+pytestmark = pytest.mark.slow  # loads the real SmolLM2 and trains through Lightning
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

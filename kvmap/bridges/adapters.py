@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from kvmap.errors import InputError, MemoryFormatError
+from kvmap.fileio import write_bytes_atomic
 from kvmap.ports import KVLayout
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -108,15 +109,7 @@ class KVAdapter(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"kvmap_adapter": json.dumps(self.config())})
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an adapter is meant to be shared
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_bytes_atomic(path, safetensors_bytes(tensors, metadata={"kvmap_adapter": json.dumps(self.config())}))
         return path
 
     @classmethod

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvmap import arm
+from kvmap.arm import COLOURS
 from kvmap.errors import InputError
 
 TASKS = ("vision-text", "text-limb", "text-text")
-COLOUR_WORDS = ("red", "green", "blue", "yellow")
 
 
 @dataclass
@@ -70,19 +71,17 @@ def describe_scene(scene) -> str:
 
 def vision_text_examples(n: int, seed: int) -> list[BridgeExample]:
     """Scenes with a question each: the colour nearest the gripper, or which way the arm points."""
-    from kvmap.models import limb
-
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        scene = limb.random_scene(rng)
+        scene = arm.random_scene(rng)
         if i % 2 == 0:
-            choices, right = COLOUR_WORDS, limb.nearest_colour(scene)
+            choices, right = COLOURS, arm.nearest_colour(scene)
             question, kind = "What colour is the object nearest the gripper?", "nearest"
         else:
-            choices, right = ("left", "right"), limb.pointing(scene)
+            choices, right = ("left", "right"), arm.pointing(scene)
             question, kind = "Is the arm pointing left or right?", "pointing"
-        out.append(BridgeExample(image=limb.render(scene), question=f"{question} {_choices_line(choices)}",
+        out.append(BridgeExample(image=arm.render(scene), question=f"{question} {_choices_line(choices)}",
                                  choices=choices, answer=choices.index(right), oracle_text=describe_scene(scene),
                                  kind=kind))
     return out
@@ -94,22 +93,19 @@ INSTRUCTIONS = ("Touch the {c} ball.", "Reach for the {c} object.", "Move the gr
 
 def text_limb_examples(n: int, seed: int) -> list[BridgeExample]:
     """Scenes with an instruction naming one of their objects; the label is the reaching pose."""
-    from kvmap.models import limb
-
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        scene = limb.random_scene(rng)
+        scene = arm.random_scene(rng)
         pick = int(rng.integers(len(scene.colours)))
         colour = scene.colours[pick]
         goal_xy = np.asarray(scene.positions[pick], dtype=np.float32)
         goal = torch.from_numpy(goal_xy)
-        theta = limb.reach_angles(goal_xy)
-        angles = torch.tensor([np.sin(theta[0]), np.cos(theta[0]), np.sin(theta[1]), np.cos(theta[1])],
-                              dtype=torch.float32)
+        theta = arm.reach_angles(goal_xy)
+        angles = torch.from_numpy(arm.angle_features(theta)).float()
         template = INSTRUCTIONS[i % len(INSTRUCTIONS)]
-        out.append(BridgeExample(source_text=template.format(c=colour), image=limb.render(scene),
-                                 target=limb.COLOURS.index(colour) + 1, angles=angles, goal=goal,
+        out.append(BridgeExample(source_text=template.format(c=colour), image=arm.render(scene),
+                                 target=COLOURS.index(colour) + 1, angles=angles, goal=goal,
                                  kind=template.split()[0].lower()))
     return out
 
@@ -131,13 +127,13 @@ def text_text_examples(n: int, seed: int) -> list[BridgeExample]:
         n_facts = 1 if i % 2 == 0 else 3
         names = rng.choice(len(NAMES), n_facts, replace=False)
         things = rng.choice(len(THINGS), n_facts, replace=False)
-        colours = rng.choice(len(COLOUR_WORDS), n_facts, replace=False)
-        facts = [f"{NAMES[a]}'s {THINGS[b]} is {COLOUR_WORDS[c]}." for a, b, c in zip(names, things, colours)]
+        colours = rng.choice(len(COLOURS), n_facts, replace=False)
+        facts = [f"{NAMES[a]}'s {THINGS[b]} is {COLOURS[c]}." for a, b, c in zip(names, things, colours)]
         asked = int(rng.integers(n_facts))
         name, thing = NAMES[names[asked]], THINGS[things[asked]]
         text = " ".join(facts)
-        out.append(BridgeExample(source_text=text, question=f"What colour is {name}'s {thing}? {_choices_line(COLOUR_WORDS)}",
-                                 choices=COLOUR_WORDS, answer=int(colours[asked]), oracle_text=text,
+        out.append(BridgeExample(source_text=text, question=f"What colour is {name}'s {thing}? {_choices_line(COLOURS)}",
+                                 choices=COLOURS, answer=int(colours[asked]), oracle_text=text,
                                  kind="single" if n_facts == 1 else "three-facts"))
     return out
 

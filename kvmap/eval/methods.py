@@ -21,26 +21,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from kvmap.answer import chat_parts, context_prompt, continue_greedy
+from kvmap.answer import chat_parts, context_prompt
+from kvmap.decoding import Generation, greedy, prefill
 from kvmap.errors import InputError
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
 from kvmap.ports import OPTION_NAMES, ImportConfig, parse_layers
+from kvmap.presets import SPLICE, TOKEN_IMPORT
 
 BASELINES = ("oracle", "none", "full", "truncate", "streaming", "yarn", "rag-bm25", "rag-embed")
 KVMAP_PRESETS = {
-    "kvmap": {},
-    "kvmap-fixed": {"placement": "fixed"},
-    "kvmap-block": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
-    "kvmap-block-fixed": {"block_size": 64, "n_blocks": 8, "placement": "fixed"},
-    "kvmap-bm25": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
-    "kvmap-splice": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
-    "kvmap-splice-layerwise": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
-    "kvmap-splice-bm25": {"block_size": 64, "n_blocks": 8, "placement": "contiguous"},
+    "kvmap": TOKEN_IMPORT,
+    "kvmap-fixed": {**TOKEN_IMPORT, "placement": "fixed"},
+    "kvmap-block": SPLICE,
+    "kvmap-block-fixed": {**SPLICE, "placement": "fixed"},
+    "kvmap-bm25": SPLICE,
+    "kvmap-splice": SPLICE,
+    "kvmap-splice-layerwise": SPLICE,
+    "kvmap-splice-bm25": SPLICE,
 }
 """``kvmap-bm25``: the same block import, blocks chosen by BM25 between the question and each block's
 text instead of by attention scores: it separates "does retrieval find the passage" from "does
@@ -72,8 +73,13 @@ def parse_method(name: str) -> tuple[str, dict]:
                              f"options of {base}: {', '.join(sorted(allowed)) or 'none'}")
         if key == "layers":  # e.g. layers=0-14, layers=0-28/2 or layers=3+7+9
             options[key] = parse_layers(value)
+        elif key == "placement":
+            options[key] = value
         else:
-            options[key] = value if key == "placement" else int(value)
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise InputError(f"method '{name}': option {key} takes an integer, not '{value}'") from None
     return base, options
 
 
@@ -84,14 +90,20 @@ def import_config(name: str, default: ImportConfig | None = None) -> ImportConfi
 
 
 def check_methods(names: list[str]) -> None:
+    """InputError unless every name is a method (with valid options) and there is at least one."""
     if not names:
         raise InputError(f"no method given; choose from {', '.join(METHODS)}")
     for name in names:
-        parse_method(name)
+        base, _ = parse_method(name)
+        if base in KVMAP_PRESETS:
+            try:
+                import_config(name)
+            except (ValueError, TypeError) as err:  # e.g. options of two retrieval modes at once
+                raise InputError(f"method '{name}': {err}") from None
 
 
 # ------------------------------------------------------------------------------------------
-# Prompts and greedy decoding.
+# Prompts.
 
 def prompt_parts(tokenizer, ex: Example, with_context: bool) -> tuple[list[int], list[int]]:
     """Token ids before and after the context (the context itself goes between them)."""
@@ -105,27 +117,27 @@ def prompt_parts(tokenizer, ex: Example, with_context: bool) -> tuple[list[int],
     return chat_parts(tokenizer, f"{ex.instruction}\n\nQuestion: {ex.question}")
 
 
-@dataclass
-class Answer:
-    text: str
-    seconds: float
-    """Wall time to answer this question alone (shared context prefill included)."""
-    prefill_tokens: int
-    decode_ms_per_token: float
-    extra: dict = field(default_factory=dict)
+def read_memory(lm, path, source: str, docs: list[str], store: str = "exact", reader_config=None,
+                chunk_cache=None):
+    """``docs`` read into a new memory at ``path``; returns (memory, ingest figures).
 
+    Ingest figures: tokens, seconds, tokens reused from ``chunk_cache``, disk bytes per token and,
+    for a fresh read only (nothing reused), ``ingest_tok_s``.
+    """
+    from kvmap.fileio import disk_usage
+    from kvmap.reader import read_into
+    from kvmap.stores import Memory
 
-@torch.no_grad()
-def prefill(model, ids: list[int], cache=None, chunk: int = 2048):
-    """Run ``ids`` through the model in chunks (bounded attention memory); returns (cache, last logits)."""
-    from transformers import DynamicCache
-
-    cache = cache if cache is not None else DynamicCache(config=model.config)
-    logits = None
-    for start in range(0, len(ids), chunk):
-        out = model(torch.tensor(ids[start:start + chunk])[None], cache=cache, use_cache=True)
-        logits = out.logits[0, -1]
-    return cache, logits
+    memory = Memory.create(path, lm.model_id, lm.port.layout, store=store)
+    reused = chunk_cache.reused_tokens if chunk_cache else 0
+    stats = read_into(lm.port, lm.tokenizer, memory, source, docs, reader_config, progress=False,
+                      chunk_cache=chunk_cache)
+    reused = (chunk_cache.reused_tokens if chunk_cache else 0) - reused
+    ingest = {"tokens": stats.n_tokens, "seconds": stats.seconds, "reused_tokens": reused,
+              "disk_bytes_per_token": disk_usage(memory.path) / max(1, stats.n_tokens)}
+    if reused == 0:  # only fresh reads measure ingest speed
+        ingest["ingest_tok_s"] = stats.tokens_per_s
+    return memory, ingest
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,20 +163,9 @@ class GroupRunner:
     def memory(self):
         """The group's context read into a fresh memory (once); ingest speed kept in ``self.ingest``."""
         if self._memory is None:
-            from kvmap.reader import read_into
-            from kvmap.stores import Memory
-
-            memory = Memory.create(self.workdir / "memory", self.lm.model_id, self.port.layout, store=self.store)
-            reused = self.chunk_cache.reused_tokens if self.chunk_cache else 0
-            stats = read_into(self.port, self.tok, memory, "context", self.examples[0].docs(), self.reader_config,
-                              progress=False, chunk_cache=self.chunk_cache)
-            reused = (self.chunk_cache.reused_tokens if self.chunk_cache else 0) - reused
-            disk = sum(f.stat().st_size for f in memory.path.rglob("*") if f.is_file())
-            self.ingest = {"tokens": stats.n_tokens, "seconds": stats.seconds, "reused_tokens": reused,
-                           "disk_bytes_per_token": disk / max(1, stats.n_tokens)}
-            if reused == 0:  # only fresh reads measure ingest speed
-                self.ingest["ingest_tok_s"] = stats.tokens_per_s
-            self._memory = memory
+            self._memory, self.ingest = read_memory(self.lm, self.workdir / "memory", "context",
+                                                    self.examples[0].docs(), self.store, self.reader_config,
+                                                    self.chunk_cache)
         return self._memory
 
     def close(self) -> None:
@@ -176,8 +177,8 @@ class GroupRunner:
 
     # -- methods ------------------------------------------------------------------------------
 
-    def answer(self, method: str) -> list[Answer | str]:
-        """One Answer per example (or a string saying why the method was skipped)."""
+    def answer(self, method: str) -> list[Generation | str]:
+        """One Generation per example (or a string saying why the method was skipped)."""
         base, options = parse_method(method)
         if base.startswith("kvmap-splice"):
             return self._splice(import_config(method), choice=base.rpartition("-")[2])
@@ -203,18 +204,21 @@ class GroupRunner:
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _generate(self, ids: list[int], cache=None, shared_s: float = 0.0, **extra) -> Answer:
+    def _generate(self, ids: list[int], cache=None, shared_s: float = 0.0, **extra) -> Generation:
+        """Greedy answer after ``cache``; ``seconds`` counts ``shared_s`` (a shared prefill) in."""
         began = time.perf_counter()
-        text, decode_s, steps = continue_greedy(self.model, self.tok, ids, cache, self.max_new_tokens)
-        seconds = time.perf_counter() - began + shared_s
-        return Answer(text, seconds, len(ids), 1000 * decode_s / max(1, steps), extra)
+        gen = greedy(self.model, self.tok, ids, self.max_new_tokens, cache)
+        gen.text, gen.extra = gen.text.strip(), extra
+        gen.seconds = time.perf_counter() - began + shared_s
+        return gen
 
-    def _plain(self, ex: Example, context: str | None) -> Answer:
+    def _plain(self, ex: Example, context: str | None) -> Generation:
         before, after = prompt_parts(self.tok, ex, context is not None)
         return self._generate(before + (self._enc(context) if context is not None else []) + after)
 
-    def _rag(self, retriever_name: str, budget: int) -> list[Answer]:
-        from kvmap.eval.rag import make_retriever, rag_context
+    def _rag(self, retriever_name: str, budget: int) -> list[Generation]:
+        from kvmap.eval.rag import rag_context
+        from kvmap.retrieval import make_retriever
 
         retriever = make_retriever(retriever_name)
         out = []
@@ -233,7 +237,7 @@ class GroupRunner:
         overhead = max(len(b) + len(a) for b, a in parts) + self.max_new_tokens
         return self.context_ids[-(self.window - overhead):]
 
-    def _shared_context(self, context_ids: list[int], fits_window: bool) -> list[Answer | str]:
+    def _shared_context(self, context_ids: list[int], fits_window: bool) -> list[Generation | str]:
         """Prefill [before, context] once, then answer each question from a copy of that cache."""
         befores = {tuple(prompt_parts(self.tok, ex, True)[0]) for ex in self.examples}
         assert len(befores) == 1, "examples of a group share the prompt start"
@@ -254,7 +258,7 @@ class GroupRunner:
                                       context_prefill_tok_s=n / shared_s))
         return out
 
-    def _yarn(self, max_tokens: int) -> list[Answer | str]:
+    def _yarn(self, max_tokens: int) -> list[Generation | str]:
         import math
 
         n = len(self.context_ids) + 200
@@ -265,17 +269,17 @@ class GroupRunner:
         with yarn_rope(self.model, factor):
             answers = self._shared_context(self.context_ids, fits_window=False)
         for a in answers:
-            if isinstance(a, Answer):
+            if isinstance(a, Generation):
                 a.extra["yarn_factor"] = factor
         return answers
 
-    def _streaming(self, window: int) -> list[Answer]:
+    def _streaming(self, window: int) -> list[Generation]:
         """Prompt start (attention sinks) + the last ``window`` context tokens as streamed by the reader."""
         memory = self.memory()
         tail = torch.arange(max(0, memory.n_tokens - window), memory.n_tokens)
         return [self._spliced_answer(ex, tail, 0.0) for ex in self.examples]
 
-    def _spliced_answer(self, ex: Example, ids, chose_s: float) -> Answer:
+    def _spliced_answer(self, ex: Example, ids, chose_s: float) -> Generation:
         """Answer with memory tokens' K/V placed where a text baseline's context goes (see kvmap.splice)."""
         from kvmap.splice import spliced_cache
 
@@ -284,7 +288,7 @@ class GroupRunner:
         cache, _ = spliced_cache(self.port, self.memory(), before, ids)
         return self._generate(after, cache, time.perf_counter() - began + chose_s)
 
-    def _splice(self, config: ImportConfig, choice: str) -> list[Answer]:
+    def _splice(self, config: ImportConfig, choice: str) -> list[Generation]:
         """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
@@ -309,7 +313,7 @@ class GroupRunner:
             out.append(answer)
         return out
 
-    def _kvmap(self, config: ImportConfig, text_choice: bool = False) -> list[Answer]:
+    def _kvmap(self, config: ImportConfig, text_choice: bool = False) -> list[Generation]:
         memory = self.memory()
         out = []
         for ex in self.examples:

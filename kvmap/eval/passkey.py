@@ -5,12 +5,12 @@ Trials are spread evenly over depths 0..1, and each example is generated from it
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 
 from kvmap.data import passkey_template
+from kvmap.errors import InputError
 
 
 @dataclass
@@ -57,49 +57,31 @@ def score(generated: str, passkey: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Running the task: every method on the same examples, side by side.
+# Running the task: every method on the same examples, side by side (``kvmap eval passkey``; the
+# generic harness, :mod:`kvmap.eval.runner`, runs the same examples as its ``passkey`` task).
 
 METHODS = ("kvmap", "kvmap-fixed", "truncate", "full", "none")
 """``kvmap``: memories imported with the given ImportConfig (default: ordered placement);
 ``kvmap-fixed``: the same memory, every memory at position 0 (the seed's placement);
-``kvmap:KEY=VALUE[:KEY=VALUE...]``: the same memory with ImportConfig fields changed, e.g.
-``kvmap:distance=64:top_k=32`` (every kvmap variant of a trial shares one read)."""
+``kvmap:KEY=VALUE[:KEY=VALUE...]``: the same memory with ImportConfig options changed, e.g.
+``kvmap:distance=64:top_k=32`` (parsed as :func:`kvmap.eval.methods.parse_method` does; every kvmap
+variant of a trial shares one read)."""
+SPEED_KEYS = ("ingest_tok_s", "decode_ms_memory", "decode_ms_no_memory", "truncate_prefill_tok_s")
+"""Per-trial speed figures (a trial row's ``speed``); the result's ``speed`` holds their medians."""
 
 
 def check_methods(methods: list[str]) -> None:
     """Raise InputError naming any method that is neither in METHODS nor a valid kvmap variant."""
-    from kvmap.errors import InputError
-    from kvmap.ports import ImportConfig
+    from kvmap.eval.methods import check_methods as check_harness_methods
 
     for method in methods:
-        if method in METHODS:
-            continue
-        if method.startswith("kvmap:"):
-            try:
-                kvmap_variant(method, ImportConfig())
-                continue
-            except (ValueError, TypeError) as err:
-                raise InputError(f"bad kvmap variant '{method}' ({err}); write e.g. kvmap:distance=64:top_k=32") from None
-        raise InputError(f"unknown passkey method '{method}'; choose from {', '.join(METHODS)} or kvmap:KEY=VALUE")
+        base = method.split(":")[0]
+        if base not in METHODS or (method != base and not base.startswith("kvmap")):
+            raise InputError(f"unknown passkey method '{method}'; choose from {', '.join(METHODS)} or kvmap:KEY=VALUE")
+    if methods:
+        check_harness_methods(methods)  # InputError naming a bad option or value
     if not methods:
         raise InputError(f"no method given; choose from {', '.join(METHODS)}")
-
-
-def kvmap_variant(method: str, config):
-    """The ImportConfig a kvmap method name asks for (see METHODS)."""
-    from kvmap.ports import OPTION_NAMES
-
-    if method == "kvmap":
-        return config
-    if method == "kvmap-fixed":
-        return config.with_options(placement="fixed")
-    changes = {}
-    for option in method.split(":")[1:]:
-        key, _, value = option.partition("=")
-        if key not in OPTION_NAMES or key in ("layers", "fixed_blocks"):
-            raise ValueError(f"no ImportConfig option '{key}'")
-        changes[key] = value if key == "placement" else int(value)
-    return config.with_options(**changes)
 
 
 def _timed_plain_prefill(model, ids: list[int]) -> float:
@@ -133,82 +115,109 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
 
     from tqdm.auto import tqdm
 
-    from kvmap.eval.stats import median, wilson
+    from kvmap.eval.runfiles import append_jsonl
     from kvmap.ports import ImportConfig
-    from kvmap.reader import ChunkCache, ReaderConfig, read_into
-    from kvmap.stores import Memory
-    from kvmap.timing import timed_greedy
+    from kvmap.reader import ChunkCache, ReaderConfig
 
     check_methods(methods)
     config = config or ImportConfig()
     reader_config = reader_config or ReaderConfig()
-    tok = lm.tokenizer
-    port = lm.port
     window = lm.model.config.max_position_embeddings - max_new_tokens
-    speed_keys = ("ingest_tok_s", "decode_ms_memory", "decode_ms_no_memory", "truncate_prefill_tok_s")
-    speed = {k: [] for k in speed_keys}
+    trial = _Trial(lm, methods, config, reader_config, store, max_new_tokens, window,
+                   ChunkCache() if reuse_chunks else None)
     done = _load_log(log_path, length, seed, methods)
     rows = list(done.values())
-    for row in rows:
-        for k in speed_keys:
-            if k in row.get("speed", {}):
-                speed[k].append(row["speed"][k])
-    chunk_cache = ChunkCache() if reuse_chunks else None
     root = Path(tempfile.mkdtemp(prefix="kvmap-passkey-", dir=workdir))
     try:
         for i, depth in enumerate(tqdm(depths(trials), desc=f"passkey {length} tokens", disable=not progress)):
             if i in done:
                 continue
-            ex = make_example(tok, length, depth, seed=seed * 100003 + i)
-            q_ids = tok("\n" + ex.question, add_special_tokens=False)["input_ids"]
-            ctx_ids = tok(ex.context, add_special_tokens=False)["input_ids"]
-            memory = None
-            row = {"trial": i, "seed": seed, "length": length, "depth": depth, "passkey": ex.passkey,
-                   "context_tokens": len(ctx_ids), "methods": methods, "speed": {}}
-            for method in methods:
-                if method.startswith("kvmap"):
-                    if memory is None:  # one read serves every kvmap variant
-                        memory = Memory.create(root / f"m{i}", lm.model_id, port.layout, store=store)
-                        reused_before = chunk_cache.reused_tokens if chunk_cache else 0
-                        stats = read_into(port, tok, memory, "passkey", [ex.context], reader_config,
-                                          progress=False, chunk_cache=chunk_cache)
-                        reused = (chunk_cache.reused_tokens if chunk_cache else 0) - reused_before
-                        row["reused_tokens"] = reused
-                        if reused == 0:  # a fresh read: its speed is the ingest speed
-                            row["speed"]["ingest_tok_s"] = stats.tokens_per_s
-                    prompt = tok(ex.instruction, add_special_tokens=False)["input_ids"] + q_ids
-                    variant = kvmap_variant(method, config)
-                    gen = timed_greedy(port, tok, prompt, max_new_tokens, memory, variant)
-                    if method == "kvmap":
-                        base = timed_greedy(port, tok, prompt, max_new_tokens)  # same prompt, no memory
-                        row["speed"].update(decode_ms_memory=gen.decode_ms_per_token,
-                                            decode_ms_no_memory=base.decode_ms_per_token)
-                elif method == "truncate":
-                    gen = timed_greedy(port, tok, (ctx_ids + q_ids)[-window:], max_new_tokens)
-                    row["speed"]["truncate_prefill_tok_s"] = gen.prefill_tokens_per_s
-                elif method == "full":
-                    if len(ctx_ids) + len(q_ids) > window:
-                        row[method] = {"skipped": f"{len(ctx_ids) + len(q_ids)} tokens exceed the {window}-token window"}
-                        continue
-                    gen = timed_greedy(port, tok, ctx_ids + q_ids, max_new_tokens)
-                else:  # none: the question and the instruction only
-                    gen = timed_greedy(port, tok, tok(ex.instruction, add_special_tokens=False)["input_ids"] + q_ids,
-                                       max_new_tokens)
-                row[method] = {"output": gen.text, "correct": score(gen.text, ex.passkey)}
-            if memory is not None:
-                shutil.rmtree(memory.path)
+            row = trial.run(i, length, depth, seed, root / f"m{i}")
             rows.append(row)
-            for k, v in row["speed"].items():
-                speed[k].append(v)
             if log_path is not None:
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(log_path, [row])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return _result(lm, rows, length, trials, seed, methods, config, reader_config, store, window, reuse_chunks)
 
-    summary = summarize(rows, methods)
+
+class _Trial:
+    """Runs every method on one passkey example; the kvmap variants share one read of its context."""
+
+    def __init__(self, lm, methods, config, reader_config, store, max_new_tokens, window, chunk_cache):
+        self.lm, self.tok, self.port = lm, lm.tokenizer, lm.port
+        self.methods, self.config, self.reader_config, self.store = methods, config, reader_config, store
+        self.max_new_tokens, self.window, self.chunk_cache = max_new_tokens, window, chunk_cache
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def run(self, i: int, length: int, depth: float, seed: int, memory_path) -> dict:
+        """The trial's row: its example, each method's output and correctness, its speed figures."""
+        import shutil
+
+        ex = make_example(self.tok, length, depth, seed=seed * 100003 + i)
+        q_ids, ctx_ids = self._enc("\n" + ex.question), self._enc(ex.context)
+        row = {"trial": i, "seed": seed, "length": length, "depth": depth, "passkey": ex.passkey,
+               "context_tokens": len(ctx_ids), "methods": self.methods, "speed": {}}
+        memory = None
+        try:
+            for method in self.methods:
+                if method.startswith("kvmap"):
+                    if memory is None:  # one read serves every kvmap variant
+                        memory = self._read(ex.context, memory_path, row)
+                    gen = self._kvmap(method, memory, self._enc(ex.instruction) + q_ids, row)
+                elif method == "truncate":
+                    gen = self._greedy((ctx_ids + q_ids)[-self.window:])
+                    row["speed"]["truncate_prefill_tok_s"] = gen.prefill_tokens_per_s
+                elif method == "full":
+                    if len(ctx_ids) + len(q_ids) > self.window:
+                        row[method] = {"skipped": f"{len(ctx_ids) + len(q_ids)} tokens exceed the "
+                                                  f"{self.window}-token window"}
+                        continue
+                    gen = self._greedy(ctx_ids + q_ids)
+                else:  # none: the question and the instruction only
+                    gen = self._greedy(self._enc(ex.instruction) + q_ids)
+                row[method] = {"output": gen.text, "correct": score(gen.text, ex.passkey)}
+        finally:
+            if memory is not None:
+                shutil.rmtree(memory.path)
+        return row
+
+    def _greedy(self, ids: list[int], memory=None, config=None):
+        from kvmap.timing import timed_greedy
+
+        return timed_greedy(self.port, self.tok, ids, self.max_new_tokens, memory, config)
+
+    def _read(self, context: str, path, row: dict):
+        """The example's context read into a new memory; reuse and (fresh reads only) ingest speed go into ``row``."""
+        from kvmap.eval.methods import read_memory
+
+        memory, ingest = read_memory(self.lm, path, "passkey", [context], self.store, self.reader_config,
+                                     self.chunk_cache)
+        row["reused_tokens"] = ingest["reused_tokens"]
+        if "ingest_tok_s" in ingest:
+            row["speed"]["ingest_tok_s"] = ingest["ingest_tok_s"]
+        return memory
+
+    def _kvmap(self, method: str, memory, prompt: list[int], row: dict):
+        """A kvmap variant's answer; plain ``kvmap`` also times the same prompt without memory."""
+        from kvmap.eval.methods import import_config
+
+        gen = self._greedy(prompt, memory, import_config(method, self.config))
+        if method == "kvmap":
+            base = self._greedy(prompt)  # same prompt, no memory
+            row["speed"].update(decode_ms_memory=gen.decode_ms_per_token, decode_ms_no_memory=base.decode_ms_per_token)
+        return gen
+
+
+def _result(lm, rows, length, trials, seed, methods, config, reader_config, store, window, reuse_chunks) -> dict:
+    """passkey.json's entry for one length: settings, per-method accuracy, median speed, every trial."""
+    from kvmap.stats import median
+
+    speed = {k: [r["speed"][k] for r in rows if k in r.get("speed", {})] for k in SPEED_KEYS}
     if "kvmap" in methods and rows:
-        sample = tok(make_example(tok, length, 0.5, seed).context, add_special_tokens=False)["input_ids"]
+        sample = lm.tokenizer(make_example(lm.tokenizer, length, 0.5, seed).context, add_special_tokens=False)["input_ids"]
         speed["plain_prefill_tok_s"] = [_timed_plain_prefill(lm.model, sample[:reader_config.chunk_size * 2])]
     return {
         "task": "passkey", "model": lm.model_id, "length": length, "trials": trials, "seed": seed,
@@ -218,7 +227,7 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
                      "sinks": reader_config.sinks, "window": window, "reuse_chunks": reuse_chunks,
                      "reused_token_share": sum(r.get("reused_tokens", 0) for r in rows)
                      / max(1, sum(r["context_tokens"] for r in rows))},
-        "methods": summary,
+        "methods": summarize(rows, methods),
         "speed": {k: median(v) for k, v in speed.items() if v},
         "examples": sorted(rows, key=lambda r: r["trial"]),
     }
@@ -226,7 +235,7 @@ def run_passkey(lm, length: int, trials: int, methods: list[str], config=None, r
 
 def summarize(rows: list[dict], methods: list[str]) -> dict:
     """Per-method accuracy with its 95% Wilson interval over trial rows (as logged)."""
-    from kvmap.eval.stats import wilson
+    from kvmap.stats import wilson
 
     summary = {}
     for method in methods:
@@ -242,9 +251,10 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
 
 def summarize_log(log_path) -> list[dict]:
     """Results of a run folder's predictions.jsonl (e.g. a run still going or stopped), per length."""
-    from kvmap.eval.stats import median
+    from kvmap.eval.runfiles import read_jsonl
+    from kvmap.stats import median
 
-    rows = [json.loads(line) for line in open(log_path, encoding="utf-8") if line.strip().endswith("}")]
+    rows = read_jsonl(log_path)
     out = []
     for length in sorted({r["length"] for r in rows}):
         mine = [r for r in rows if r["length"] == length]
@@ -258,17 +268,9 @@ def summarize_log(log_path) -> list[dict]:
 
 def _load_log(log_path, length: int, seed: int, methods: list[str]) -> dict[int, dict]:
     """Trials already logged for this length/seed/methods: trial index -> row."""
-    import os
+    from kvmap.eval.runfiles import read_jsonl
 
-    done: dict[int, dict] = {}
-    if log_path is None or not os.path.exists(log_path):
-        return done
-    with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: that trial runs again
-                continue
-            if row.get("length") == length and row.get("seed") == seed and row.get("methods") == methods:
-                done[row["trial"]] = row
-    return done
+    if log_path is None:
+        return {}
+    return {row["trial"]: row for row in read_jsonl(log_path)
+            if row.get("length") == length and row.get("seed") == seed and row.get("methods") == methods}

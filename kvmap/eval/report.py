@@ -1,12 +1,17 @@
 """Build RESULTS.md from run files only (no numbers typed by hand).
 
 Reads every ``passkey.json`` (written by ``kvmap eval passkey --out DIR``) and ``sweep.json``
-(``benchmarks/sweep_defaults.py``) below a runs folder and writes markdown tables and a plot.
+(``benchmarks/sweep_defaults.py``) below a runs folder and writes markdown tables and a plot;
+the generic harness's runs, the bridges and the scale benchmarks get their own sections
+(:mod:`kvmap.eval.report_grid`, :mod:`kvmap.eval.report_bridges`, :mod:`kvmap.eval.report_scale`).
+Plots go to ``docs/plots/`` beside the markdown (:mod:`kvmap.eval.plots`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from kvmap.eval.plots import plot_link, plot_path, pyplot
 
 
 def _pct(x: float | None) -> str:
@@ -52,11 +57,7 @@ def sweep_table(sweep: dict) -> list[str]:
 
 
 def plot_passkey(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = sorted({m for r in results for m in r["methods"]})
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for method in methods:
@@ -76,7 +77,7 @@ def plot_passkey(results: list[dict], path: Path) -> None:
 
 
 def build_report(runs: Path, out: Path) -> str:
-    """Write ``out`` (markdown) and its plots next to it from the run files under ``runs``."""
+    """Write ``out`` (markdown) and its plots (under ``docs/plots`` beside it) from the run files under ``runs``."""
     from kvmap.eval.passkey import summarize_log
 
     passkey = []
@@ -92,9 +93,9 @@ def build_report(runs: Path, out: Path) -> str:
              "do not edit by hand.", ""]
     if passkey:
         lines += passkey_tables(passkey)
-        plot = out.parent / "results_passkey.png"
+        plot = plot_path(out.parent, "results_passkey.png")
         plot_passkey(passkey, plot)
-        lines += [f"![passkey accuracy vs length]({plot.name})", ""]
+        lines += [f"![passkey accuracy vs length]({plot_link(out.parent, plot)})", ""]
     for sweep in sweeps:
         lines += sweep_table(sweep)
     if grid_runs:

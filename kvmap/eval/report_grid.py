@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvmap.eval.methods import BASELINES
+from kvmap.eval.plots import plot_link, plot_path, pyplot
 
 SCORE_NAMES = {"passkey": "accuracy", "niah": "share of needles recalled", "babi": "accuracy (answer in output)",
                "fairytaleqa": "ROUGE-L F1"}
@@ -65,7 +66,8 @@ def _cell(c: dict | None) -> str:
     return text
 
 
-def grid_sections(folders: list[Path], plot_dir: Path) -> list[str]:
+def grid_sections(folders: list[Path], out_dir: Path) -> list[str]:
+    """One section per task of the generic harness's runs: scores, shares of the oracle, cost, plots."""
     lines: list[str] = []
     for task, t in sorted(_load(folders).items()):
         cells = t["cells"]
@@ -115,17 +117,13 @@ def grid_sections(folders: list[Path], plot_dir: Path) -> list[str]:
                     lines.append(f"| {x} | {method} | {c['latency_s_median']:.1f} | {c['decode_ms_per_token']:.0f} | "
                                  f"{ingest} | {c['peak_rss_mb']:.0f} | {disk} |")
         lines.append("")
-        plots = _plots(task, t, lengths, methods, plot_dir)
-        lines += [f"![{name}]({path.name})" for name, path in plots] + [""]
+        plots = _plots(task, t, lengths, methods, out_dir)
+        lines += [f"![{name}]({plot_link(out_dir, path)})" for name, path in plots] + [""]
     return lines
 
 
-def _plots(task: str, t: dict, lengths: list[int], methods: list[str], plot_dir: Path) -> list[tuple[str, Path]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plots(task: str, t: dict, lengths: list[int], methods: list[str], out_dir: Path) -> list[tuple[str, Path]]:
+    plt = pyplot()
     out = []
     cells, rows = t["cells"], t["rows"]
     if len(lengths) > 1:
@@ -136,7 +134,7 @@ def _plots(task: str, t: dict, lengths: list[int], methods: list[str], plot_dir:
                 ax.plot(*zip(*pts), marker="o", label=method)
         ax.set_xscale("symlog", linthresh=1000)
         out.append(_save(fig, ax, LENGTH_NAMES.get(task, "context tokens"), SCORE_NAMES.get(task, "score"),
-                         f"{task}: score vs length", plot_dir / f"results_{task}_length.png"))
+                         f"{task}: score vs length", plot_path(out_dir, f"results_{task}_length.png")))
     if task in ("niah", "passkey") and rows:
         shown = [m for m in methods if any(r["method"] == m and "score" in r for r in rows)]
         bins = 5
@@ -158,7 +156,7 @@ def _plots(task: str, t: dict, lengths: list[int], methods: list[str], plot_dir:
             ax.set_yticks(range(bins), [f"{i / bins:.0%}" for i in range(bins)], fontsize=5)
         axes[0][0].set_ylabel("needle depth")
         fig.tight_layout()
-        path = plot_dir / f"results_{task}_heatmap.png"
+        path = plot_path(out_dir, f"results_{task}_heatmap.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out.append((f"{task} depth x length heatmap", path))
@@ -174,13 +172,13 @@ def _plots(task: str, t: dict, lengths: list[int], methods: list[str], plot_dir:
         ax.set_xscale("log")
         ax.set_yscale("log")
         out.append(_save(fig, ax, "context / memory size (tokens)", "seconds per question",
-                         f"{task}: latency vs memory size", plot_dir / f"results_{task}_latency.png"))
+                         f"{task}: latency vs memory size", plot_path(out_dir, f"results_{task}_latency.png")))
     return out
 
 
 def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> tuple[str, Path]:
     """Label, legend, save and close a line/scatter plot; returns (title, path) for the markdown."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -7,115 +7,165 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvmap.eval.plots import plot_link, plot_path, pyplot
 from kvmap.ports import format_layers
 
 
 def scale_section(folder: Path, out_dir: Path) -> list[str]:
-    """Recall@k of each store setting on real K/V (table and plot) and the sharded store's overhead."""
-    lines = ["## Scale: store settings and sharding", ""]
+    """The scale section: passkey by memory size, corpus builds, and each scale benchmark's run file."""
+    return (["## Scale: store settings and sharding", ""] + _sizes(folder, out_dir) + _builds(folder)
+            + _decode_overhead(folder) + _recall_reuse(folder, out_dir) + _quantization(folder) + _recall(folder, out_dir)
+            + _layer_subsets(folder) + _sharded(folder))
+
+
+def _sizes(folder: Path, out_dir: Path) -> list[str]:
+    """Passkey by memory size, with memory and without (table and plot)."""
     rows = size_rows(folder)
-    if rows:
-        lines += ["Passkey by memory size, with memory and without it (same prompt, same process, one after the "
-                  "other). `kvmap` searches the memory at every forward (exact store in RAM); `kvmap:reuse=64` "
-                  "searches it once, exactly, streamed from disk, for the prompt's queries (64 candidates each), "
-                  "and every decode step takes its top-16 among those candidates; `reuse_next=8` also keeps the 8 "
-                  "memories after each candidate, and `reuse_next_best=16` only after each query's 16 best (so "
-                  "`reuse` can grow without the followers multiplying the candidates). 1k–100k: `kvmap eval "
-                  "passkey-grid` (one haystack per trial, read in that trial; peak RSS includes the runner's chunk "
-                  "cache of up to 4 GB); 1M: `kvmap bench scale` (one filler memory built once, a needle document "
-                  "added and forgotten per trial). The `reuse_next` rows ran alone on the two cores and decode "
-                  "with the fused C kernel (`kvmap/models/decode_step.c`); the 1M `reuse=64` row ran before it, on "
-                  "the PyTorch path. Ratio: median decode time with memory over median without.", "",
-                  "| memory tokens | method | passkey | decode ms/token, memory | no memory | ratio | first forward s "
-                  "| ingest tok/s | peak RSS GiB | disk KiB/token |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['tokens']:,} | {r['method']} | {r['correct']}/{r['n']} | {r['decode_ms']:.0f} | "
-                         f"{r['decode_ms_none']:.0f} | {r['decode_ms'] / r['decode_ms_none']:.2f}× | "
-                         f"{_fmt(r.get('first_s'), '.1f')} | {_fmt(r.get('ingest_tok_s'), '.0f')} | "
-                         f"{r['peak_rss_mb'] / 1024:.2f} | {_fmt(r.get('disk_bytes_per_token', 0) / 1024, '.1f')} |")
-        plot = out_dir / "results_scale.png"
-        plot_sizes(rows, plot)
-        lines += ["", f"![decode time, accuracy and RSS by memory size]({plot.name})", ""]
+    if not rows:
+        return []
+    lines = ["Passkey by memory size, with memory and without it (same prompt, same process, one after the "
+             "other). `kvmap` searches the memory at every forward (exact store in RAM); `kvmap:reuse=64` "
+             "searches it once, exactly, streamed from disk, for the prompt's queries (64 candidates each), "
+             "and every decode step takes its top-16 among those candidates; `reuse_next=8` also keeps the 8 "
+             "memories after each candidate, and `reuse_next_best=16` only after each query's 16 best (so "
+             "`reuse` can grow without the followers multiplying the candidates). 1k–100k: `kvmap eval "
+             "passkey-grid` (one haystack per trial, read in that trial; peak RSS includes the runner's chunk "
+             "cache of up to 4 GB); 1M: `kvmap bench scale` (one filler memory built once, a needle document "
+             "added and forgotten per trial). The `reuse_next` rows ran alone on the two cores and decode "
+             "with the fused C kernel (`kvmap/models/decode_step.c`); the 1M `reuse=64` row ran before it, on "
+             "the PyTorch path. Ratio: median decode time with memory over median without.", "",
+             "| memory tokens | method | passkey | decode ms/token, memory | no memory | ratio | first forward s "
+             "| ingest tok/s | peak RSS GiB | disk KiB/token |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']:,} | {r['method']} | {r['correct']}/{r['n']} | {r['decode_ms']:.0f} | "
+                     f"{r['decode_ms_none']:.0f} | {r['decode_ms'] / r['decode_ms_none']:.2f}× | "
+                     f"{_fmt(r.get('first_s'), '.1f')} | {_fmt(r.get('ingest_tok_s'), '.0f')} | "
+                     f"{r['peak_rss_mb'] / 1024:.2f} | {_fmt(r.get('disk_bytes_per_token', 0) / 1024, '.1f')} |")
+    plot = plot_path(out_dir, "results_scale.png")
+    plot_sizes(rows, plot)
+    lines += ["", f"![decode time, accuracy and RSS by memory size]({plot_link(out_dir, plot)})", ""]
+    return lines
+
+
+def _builds(folder: Path) -> list[str]:
+    """Corpus memory builds (one line per build call)."""
     builds = sorted(folder.glob("*/build.jsonl"))
-    if builds:
-        lines += ["Corpus memory builds (`kvmap bench scale`; one line per build call, a resumed build adds one):", "",
-                  "| run | memory tokens after | tokens read | minutes | tok/s | note |", "|---|---|---|---|---|---|"]
-        for path in builds:
-            for b in (json.loads(x) for x in path.read_text().splitlines() if x.strip()):
-                lines.append(f"| {path.parent.name} | {b['n_tokens']:,} | {b['tokens_read']:,} | {b['seconds'] / 60:.1f} | "
-                             f"{b['ingest_tok_s']:.0f} | {b.get('note', '')} |")
-        lines.append("")
+    if not builds:
+        return []
+    lines = ["Corpus memory builds (`kvmap bench scale`; one line per build call, a resumed build adds one):", "",
+             "| run | memory tokens after | tokens read | minutes | tok/s | note |", "|---|---|---|---|---|---|"]
+    for path in builds:
+        for b in (json.loads(x) for x in path.read_text().splitlines() if x.strip()):
+            lines.append(f"| {path.parent.name} | {b['n_tokens']:,} | {b['tokens_read']:,} | {b['seconds'] / 60:.1f} | "
+                         f"{b['ingest_tok_s']:.0f} | {b.get('note', '')} |")
+    lines.append("")
+    return lines
+
+
+def _decode_overhead(folder: Path) -> list[str]:
+    """Decode cost of the memory path itself (``benchmarks/decode_overhead.py``)."""
     r = _read(folder, "decode_overhead.json")
-    if r is not None:
-        lines += [f"Decode cost of the memory path itself (`benchmarks/decode_overhead.py`, a {r['settings']['memory_tokens']}"
-                  f"-token memory, {r['settings']['config']}): {r['decode_ms_memory']:.1f} vs {r['decode_ms_no_memory']:.1f} "
-                  f"ms/token without memory ({r['ratio']:.2f}×), median of {r['settings']['rounds']} alternating rounds.", ""]
+    if r is None:
+        return []
+    lines = [f"Decode cost of the memory path itself (`benchmarks/decode_overhead.py`, a {r['settings']['memory_tokens']}"
+             f"-token memory, {r['settings']['config']}): {r['decode_ms_memory']:.1f} vs {r['decode_ms_no_memory']:.1f} "
+             f"ms/token without memory ({r['ratio']:.2f}×), median of {r['settings']['rounds']} alternating rounds.", ""]
+    return lines
+
+
+def _recall_reuse(folder: Path, out_dir: Path) -> list[str]:
+    """Recall of retrieval reuse against exact search (``benchmarks/recall_reuse.py``), table and plot."""
     r = _read(folder, "recall_reuse.json")
-    if r is not None:
-        s = r["settings"]
-        lines += [f"Recall@{s['k']} of retrieval reuse against exact search over the whole memory, on SmolLM2's "
-                  f"real K/V ({s['n_tokens']:,} tokens of tales), through the real import path "
-                  f"({s['questions']} FairytaleQA questions, {s['new_tokens']} decoded tokens each, layers "
-                  f"{s['layers']}; `benchmarks/recall_reuse.py`). *Prompt*: the forward that picks the candidates; "
-                  "*decode*: later tokens searching among them. `reuse=K`: each prompt query's K best by exact "
-                  "search; `reuse_blocks=B`: the tokens of B blocks of 32 per (layer, KV head), ranked by "
-                  "per-channel key bounds (Quest). *Worst layer*: the layer whose decode steps keep the least.", "",
-                  "| setting | recall, prompt | recall, decode | worst layer, decode | candidates per (layer, KV head) "
-                  "| first forward s |", "|---|---|---|---|---|---|"]
-        for name, x in r["recall"].items():
-            by_layer = x.get("decode_by_layer") or {}
-            worst = min(by_layer.items(), key=lambda kv: kv[1]) if by_layer else None
-            lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | "
-                         f"{f'{worst[1]:.3f} (layer {worst[0]})' if worst else '–'} | {x['candidates_per_head']:.0f} | "
-                         f"{x['prompt_s']:.1f} |")
-        lines.append("")
-        if any(x.get("decode_by_layer") for x in r["recall"].values()):
-            plot = out_dir / "results_recall_reuse.png"
-            plot_recall_by_layer(r, plot)
-            lines += [f"![decode-step recall by layer]({plot.name})", ""]
+    if r is None:
+        return []
+    s = r["settings"]
+    lines = [f"Recall@{s['k']} of retrieval reuse against exact search over the whole memory, on SmolLM2's "
+             f"real K/V ({s['n_tokens']:,} tokens of tales), through the real import path "
+             f"({s['questions']} FairytaleQA questions, {s['new_tokens']} decoded tokens each, layers "
+             f"{s['layers']}; `benchmarks/recall_reuse.py`). *Prompt*: the forward that picks the candidates; "
+             "*decode*: later tokens searching among them. `reuse=K`: each prompt query's K best by exact "
+             "search; `reuse_blocks=B`: the tokens of B blocks of 32 per (layer, KV head), ranked by "
+             "per-channel key bounds (Quest). *Worst layer*: the layer whose decode steps keep the least.", "",
+             "| setting | recall, prompt | recall, decode | worst layer, decode | candidates per (layer, KV head) "
+             "| first forward s |", "|---|---|---|---|---|---|"]
+    for name, x in r["recall"].items():
+        by_layer = x.get("decode_by_layer") or {}
+        worst = min(by_layer.items(), key=lambda kv: kv[1]) if by_layer else None
+        lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | "
+                     f"{f'{worst[1]:.3f} (layer {worst[0]})' if worst else '–'} | {x['candidates_per_head']:.0f} | "
+                     f"{x['prompt_s']:.1f} |")
+    lines.append("")
+    if any(x.get("decode_by_layer") for x in r["recall"].values()):
+        plot = plot_path(out_dir, "results_recall_reuse.png")
+        plot_recall_by_layer(r, plot)
+        lines += [f"![decode-step recall by layer]({plot_link(out_dir, plot)})", ""]
+    return lines
+
+
+def _quantization(folder: Path) -> list[str]:
+    """What int8 storage would cost in recall and attention output (``benchmarks/quantization_cost.py``)."""
     r = _read(folder, "quantization.json")
-    if r is not None:
-        s, b = r["settings"], r["bytes_per_token"]
-        lines += [f"Compact storage: float16 K/V take {b['float16'] / 1024:.1f} KiB per token. Int8 with per-channel "
-                  f"scales (per segment, KV head and channel) would take {b['int8'] / 1024:.1f} KiB; on "
-                  f"{s['n_tokens']:,} tokens of real SmolLM2 K/V it keeps recall@{s['k']} of {r['mean_recall']:.3f} "
-                  f"against float16 search (per layer: "
-                  + ", ".join(f"{x['layer']}: {x['recall_int8_vs_fp16']:.2f}" for x in r["rows"])
-                  + f") and changes the memory part of attention by {r['median_output_error']:.1%} (median relative "
-                  "error), `benchmarks/quantization_cost.py`. Memories stay float16.", ""]
+    if r is None:
+        return []
+    s, b = r["settings"], r["bytes_per_token"]
+    lines = [f"Compact storage: float16 K/V take {b['float16'] / 1024:.1f} KiB per token. Int8 with per-channel "
+             f"scales (per segment, KV head and channel) would take {b['int8'] / 1024:.1f} KiB; on "
+             f"{s['n_tokens']:,} tokens of real SmolLM2 K/V it keeps recall@{s['k']} of {r['mean_recall']:.3f} "
+             f"against float16 search (per layer: "
+             + ", ".join(f"{x['layer']}: {x['recall_int8_vs_fp16']:.2f}" for x in r["rows"])
+             + f") and changes the memory part of attention by {r['median_output_error']:.1%} (median relative "
+             "error), `benchmarks/quantization_cost.py`. Memories stay float16.", ""]
+    return lines
+
+
+def _recall(folder: Path, out_dir: Path) -> list[str]:
+    """Recall@k of each store setting on real K/V (``benchmarks/recall_real_kv.py``), table and plot."""
     r = _read(folder, "recall.json")
-    if r is not None:
-        s = r["settings"]
-        lines += [f"Recall@{s['k']} against exact search on SmolLM2's real K/V ({s['n_tokens']} tokens of tales) "
-                  f"with the rotated queries the import searches with ({s['questions']} FairytaleQA questions), "
-                  f"layers {s['layers']}; search time per query on this 2-core machine (`benchmarks/recall_real_kv.py`).", "",
-                  "| setting | mean recall | min over layers | search ms/query | build s |", "|---|---|---|---|---|"]
-        for name, mean in r["mean_recall"].items():
-            low = min(x["recall"] for x in r["rows"] if x["setting"] == name)
-            lines.append(f"| {name} | {mean:.3f} | {low:.3f} | {_over_layers(r, name, 'search_ms_per_query'):.3f} | "
-                         f"{_over_layers(r, name, 'build_s'):.2f} |")
-        plot = out_dir / "results_recall.png"
-        plot_recall(r, plot)
-        lines += ["", f"![recall vs search time]({plot.name})", ""]
+    if r is None:
+        return []
+    s = r["settings"]
+    lines = [f"Recall@{s['k']} against exact search on SmolLM2's real K/V ({s['n_tokens']} tokens of tales) "
+             f"with the rotated queries the import searches with ({s['questions']} FairytaleQA questions), "
+             f"layers {s['layers']}; search time per query on this 2-core machine (`benchmarks/recall_real_kv.py`).", "",
+             "| setting | mean recall | min over layers | search ms/query | build s |", "|---|---|---|---|---|"]
+    for name, mean in r["mean_recall"].items():
+        low = min(x["recall"] for x in r["rows"] if x["setting"] == name)
+        lines.append(f"| {name} | {mean:.3f} | {low:.3f} | {_over_layers(r, name, 'search_ms_per_query'):.3f} | "
+                     f"{_over_layers(r, name, 'build_s'):.2f} |")
+    plot = plot_path(out_dir, "results_recall.png")
+    plot_recall(r, plot)
+    lines += ["", f"![recall vs search time]({plot_link(out_dir, plot)})", ""]
+    return lines
+
+
+def _layer_subsets(folder: Path) -> list[str]:
+    """Passkey with imports into layer subsets only (``benchmarks/layer_subsets.py``)."""
     r = _read(folder, "layer_subsets.json")
-    if r is not None:
-        s = r["settings"]
-        lines += [f"Importing into fewer layers would cut decode cost in proportion, so we asked which layers passkey "
-                  f"retrieval needs: {s['trials']} passkey documents of {s['length']:,} tokens, each read into a memory "
-                  f"and asked with `{s['config']}` importing into only these layers (`benchmarks/layer_subsets.py`):", "",
-                  "| layers | passkey |", "|---|---|"]
-        lines += [f"| {name} | {correct}/{s['trials']} |" for name, correct in r["correct"].items()]
-        lines.append("")
+    if r is None:
+        return []
+    s = r["settings"]
+    lines = [f"Importing into fewer layers would cut decode cost in proportion, so we asked which layers passkey "
+             f"retrieval needs: {s['trials']} passkey documents of {s['length']:,} tokens, each read into a memory "
+             f"and asked with `{s['config']}` importing into only these layers (`benchmarks/layer_subsets.py`):", "",
+             "| layers | passkey |", "|---|---|"]
+    lines += [f"| {name} | {correct}/{s['trials']} |" for name, correct in r["correct"].items()]
+    lines.append("")
+    return lines
+
+
+def _sharded(folder: Path) -> list[str]:
+    """The Ray-sharded store's overhead (``benchmarks/sharded_latency.py``)."""
     r = _read(folder, "sharded-latency.json")
-    if r is not None:
-        s = r["settings"]
-        lines += [f"Ray-sharded store against the single-process store, one layer's search, {s['tokens']} tokens in "
-                  f"{s['segments']} segments, {s['shards']} shards, {s['store']} store, k={s['k']}, median of "
-                  f"{s['repeats']} (`benchmarks/sharded_latency.py`). Both return the same ids.", "",
-                  "| case | queries per head | single process ms | sharded ms | ratio |", "|---|---|---|---|---|"]
-        lines += [f"| {x['case']} | {x['queries_per_head']} | {x['single_ms']:.2f} | {x['sharded_ms']:.2f} | "
-                  f"{x['ratio']:.2f}× |" for x in r["layer_search"]]
-        lines.append("")
+    if r is None:
+        return []
+    s = r["settings"]
+    lines = [f"Ray-sharded store against the single-process store, one layer's search, {s['tokens']} tokens in "
+             f"{s['segments']} segments, {s['shards']} shards, {s['store']} store, k={s['k']}, median of "
+             f"{s['repeats']} (`benchmarks/sharded_latency.py`). Both return the same ids.", "",
+             "| case | queries per head | single process ms | sharded ms | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {x['case']} | {x['queries_per_head']} | {x['single_ms']:.2f} | {x['sharded_ms']:.2f} | "
+              f"{x['ratio']:.2f}× |" for x in r["layer_search"]]
+    lines.append("")
     return lines
 
 
@@ -164,11 +214,7 @@ def size_rows(folder: Path) -> list[dict]:
 
 
 def plot_sizes(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for method in sorted({r["method"].split(" ")[0] for r in rows}):
         mine = [r for r in rows if r["method"].split(" ")[0] == method]
@@ -196,11 +242,7 @@ def _over_layers(r: dict, setting: str, key: str) -> float:
 
 def plot_recall_by_layer(r: dict, path: Path) -> None:
     """Decode-step recall@k of each reuse setting, layer by layer (``recall_reuse.json``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.4))
     for name, x in r["recall"].items():
         by_layer = x.get("decode_by_layer")
@@ -218,11 +260,7 @@ def plot_recall_by_layer(r: dict, path: Path) -> None:
 
 
 def plot_recall(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name in r["mean_recall"]:
         ms = _over_layers(r, name, "search_ms_per_query")

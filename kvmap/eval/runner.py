@@ -6,7 +6,6 @@ after every group). Re-running the same command skips what ``predictions.jsonl``
 """
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import tempfile
@@ -15,9 +14,10 @@ from pathlib import Path
 
 from kvmap.errors import InputError
 from kvmap.eval.methods import GroupRunner, check_methods
+from kvmap.eval.runfiles import append_jsonl, read_jsonl
 from kvmap.eval.scoring import score
-from kvmap.eval.stats import mean_ci, median, wilson
 from kvmap.eval.tasks import make_examples
+from kvmap.stats import mean_ci, median, wilson
 
 MAX_NEW_TOKENS = {"passkey": 10, "niah": 40, "fairytaleqa": 32, "babi": 24}
 
@@ -29,17 +29,6 @@ def _rss_mb() -> float:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:  # not Linux: the peak so far is the best we have
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _read_predictions(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: that prediction runs again
-                continue
-    return rows
 
 
 def run_eval(lm, task: str, methods: list[str], lengths: list[int], limit: int, out: str | Path,
@@ -72,7 +61,7 @@ def run_eval(lm, task: str, methods: list[str], lengths: list[int], limit: int, 
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     log = out / "predictions.jsonl"
-    done = {(r["id"], r["method"]) for r in _read_predictions(log)}
+    done = {(r["id"], r["method"]) for r in read_jsonl(log)}
     chunk_cache = ChunkCache()
     work = Path(tempfile.mkdtemp(prefix="kvmap-eval-"))
     try:
@@ -92,9 +81,7 @@ def run_eval(lm, task: str, methods: list[str], lengths: list[int], limit: int, 
                     for method in todo:
                         answers = runner.answer(method)
                         rows = [_row(ex, method, a, runner) for ex, a in zip(group, answers) if (ex.id, method) not in done]
-                        with open(log, "a", encoding="utf-8") as f:
-                            for row in rows:
-                                f.write(json.dumps(row) + "\n")
+                        append_jsonl(log, rows)
                         done |= {(r["id"], method) for r in rows}
                         bar.update(len(rows))
                 finally:
@@ -162,15 +149,13 @@ def summarize(rows: list[dict]) -> dict:
 
 def write_metrics(out: Path) -> dict:
     """Rebuild ``metrics.json`` from ``predictions.jsonl`` (atomically) and return it."""
-    import os
-
     import yaml
+
+    from kvmap.fileio import write_json_atomic
 
     out = Path(out)
     config = yaml.safe_load((out / "config.yaml").read_text())
     metrics = {"task": config["task"], "model": config["model"], "config": config,
-               "metrics": summarize(_read_predictions(out / "predictions.jsonl"))}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out / "metrics.json")
+               "metrics": summarize(read_jsonl(out / "predictions.jsonl"))}
+    write_json_atomic(out / "metrics.json", metrics, indent=1)
     return metrics

@@ -9,7 +9,6 @@ placement) where a memory sits in the folder does not change what the model sees
 """
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
@@ -30,56 +29,66 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
     median prefill seconds, and the process's peak RSS. With ``log_path``, each trial is appended
     to that JSONL file and trials already there are skipped (resumable).
     """
-
     from tqdm.auto import tqdm
 
-    from kvmap.eval.passkey import depths, make_example, score
-    from kvmap.eval.stats import median, wilson
-    from kvmap.models.kernel import decode_kernel
-    from kvmap.reader import ReaderConfig, read_into
+    from kvmap.eval.passkey import depths
+    from kvmap.eval.runfiles import append_jsonl, read_jsonl
     from kvmap.stores import Memory
-    from kvmap.timing import timed_greedy
 
-    tok, port = lm.tokenizer, lm.port
-    memory = Memory.open(memory_path, expect_model_id=lm.model_id, expect_layout=port.layout, verify=False)
+    memory = Memory.open(memory_path, expect_model_id=lm.model_id, expect_layout=lm.port.layout, verify=False)
     for source in [s["source"] for s in memory.sources() if s["source"].startswith(NEEDLE_PREFIX)]:
         memory.forget(source)  # left by a killed run
     haystack_tokens = memory.n_tokens
-    done = {}
-    if log_path is not None and Path(log_path).exists():
-        for line in Path(log_path).read_text(encoding="utf-8").splitlines():
-            row = json.loads(line) if line.strip().endswith("}") else None
-            if row and row["haystack_tokens"] == haystack_tokens and row["seed"] == seed and row.get("config") == config.options():
-                done[row["trial"]] = row
+    done = {row["trial"]: row for row in (read_jsonl(log_path) if log_path is not None else [])
+            if row["haystack_tokens"] == haystack_tokens and row["seed"] == seed and row.get("config") == config.options()}
     rows = list(done.values())
     rss_start = peak_rss_mb()
     for i, depth in enumerate(tqdm(depths(trials), desc=f"passkey in {haystack_tokens} tokens", disable=not progress)):
         if i in done:
             continue
-        ex = make_example(tok, needle_tokens, depth, seed=seed * 100003 + i)
-        source = f"{NEEDLE_PREFIX}{i}"
-        read_into(port, tok, memory, source, [ex.context], ReaderConfig(), progress=False)
-        memory_tokens = memory.n_tokens
-        try:
-            prompt = tok(ex.instruction + "\n" + ex.question, add_special_tokens=False)["input_ids"]
-            began = time.perf_counter()
-            with_memory = timed_greedy(port, tok, prompt, max_new_tokens, memory, config)
-            answer_s = time.perf_counter() - began
-            without = timed_greedy(port, tok, prompt, max_new_tokens)
-        finally:
-            memory.forget(source)
-        row = {"trial": i, "seed": seed, "depth": depth, "passkey": ex.passkey, "haystack_tokens": haystack_tokens,
-               "config": config.options(),
-               "memory_tokens": memory_tokens,
-               "kvmap": {"output": with_memory.text, "correct": score(with_memory.text, ex.passkey),
-                         "decode_ms": with_memory.decode_ms_per_token, "prefill_s": with_memory.prefill_s,
-                         "answer_s": answer_s},
-               "none": {"output": without.text, "correct": score(without.text, ex.passkey),
-                        "decode_ms": without.decode_ms_per_token, "prefill_s": without.prefill_s}}
+        row = _trial(lm, memory, config, i, depth, seed, needle_tokens, max_new_tokens, haystack_tokens)
         rows.append(row)
         if log_path is not None:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(log_path, [row])
+    return _summary(lm, rows, memory_path, haystack_tokens, seed, needle_tokens, config, rss_start)
+
+
+def _trial(lm, memory, config, i: int, depth: float, seed: int, needle_tokens: int, max_new_tokens: int,
+           haystack_tokens: int) -> dict:
+    """One trial: the needle read in, the question asked with the memory and without, the needle forgotten."""
+    from kvmap.eval.passkey import make_example, score
+    from kvmap.reader import ReaderConfig, read_into
+    from kvmap.timing import timed_greedy
+
+    tok, port = lm.tokenizer, lm.port
+    ex = make_example(tok, needle_tokens, depth, seed=seed * 100003 + i)
+    source = f"{NEEDLE_PREFIX}{i}"
+    read_into(port, tok, memory, source, [ex.context], ReaderConfig(), progress=False)
+    memory_tokens = memory.n_tokens
+    try:
+        prompt = tok(ex.instruction + "\n" + ex.question, add_special_tokens=False)["input_ids"]
+        began = time.perf_counter()
+        with_memory = timed_greedy(port, tok, prompt, max_new_tokens, memory, config)
+        answer_s = time.perf_counter() - began
+        without = timed_greedy(port, tok, prompt, max_new_tokens)
+    finally:
+        memory.forget(source)
+    return {"trial": i, "seed": seed, "depth": depth, "passkey": ex.passkey, "haystack_tokens": haystack_tokens,
+            "config": config.options(),
+            "memory_tokens": memory_tokens,
+            "kvmap": {"output": with_memory.text, "correct": score(with_memory.text, ex.passkey),
+                      "decode_ms": with_memory.decode_ms_per_token, "prefill_s": with_memory.prefill_s,
+                      "answer_s": answer_s},
+            "none": {"output": without.text, "correct": score(without.text, ex.passkey),
+                     "decode_ms": without.decode_ms_per_token, "prefill_s": without.prefill_s}}
+
+
+def _summary(lm, rows: list[dict], memory_path, haystack_tokens: int, seed: int, needle_tokens: int, config,
+             rss_start: float) -> dict:
+    """passkey-scale.json: accuracy with and without memory, median speeds, disk use and peak RSS."""
+    from kvmap.fileio import disk_usage
+    from kvmap.models.kernel import decode_kernel
+    from kvmap.stats import median, wilson
 
     def acc(method: str) -> dict:
         correct = sum(r[method]["correct"] for r in rows)
@@ -91,7 +100,7 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
     return {
         "task": "passkey-scale", "model": lm.model_id, "memory": str(memory_path), "haystack_tokens": haystack_tokens,
         "trials": len(rows), "seed": seed, "needle_tokens": needle_tokens, "config": config.options(),
-        "disk_bytes_per_token": _disk_bytes(Path(memory_path)) / max(1, haystack_tokens),
+        "disk_bytes_per_token": disk_usage(memory_path) / max(1, haystack_tokens),
         "methods": {"kvmap": acc("kvmap"), "none": acc("none")},
         "speed": {"decode_ms_memory": decode_memory, "decode_ms_no_memory": decode_none,
                   "decode_ratio": decode_memory / decode_none,  # ratio of medians, as RESULTS.md shows it
@@ -101,8 +110,3 @@ def passkey_at_scale(lm, memory_path: str | Path, trials: int, config, needle_to
         "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_before_trials": rss_start,
         "examples": sorted(rows, key=lambda r: r["trial"]),
     }
-
-
-def _disk_bytes(folder: Path) -> int:
-    """Bytes of every file under ``folder`` (K/V, tokens, texts, bound caches)."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from kvmap.errors import InputError
+from kvmap.eval.passkey import depths, make_example
 
 TASKS = ("passkey", "niah", "fairytaleqa", "babi")
 
@@ -97,21 +98,14 @@ def _insert(sentences: list[str], items: list[str], depths: list[float]) -> list
     return out
 
 
-def spread(n: int) -> list[float]:
-    """``n`` depths spread evenly over [0, 1]."""
-    return [i / max(1, n - 1) for i in range(n)]
-
-
 # ------------------------------------------------------------------------------------------
 # The tasks.
 
 
 def passkey_examples(tokenizer, length: int, n: int, seed: int = 0) -> list[Example]:
     """Landmark-Attention passkey at ``length`` tokens, depths spread over 0..1."""
-    from kvmap.eval.passkey import make_example
-
     out = []
-    for i, depth in enumerate(spread(n)):
+    for i, depth in enumerate(depths(n)):
         ex = make_example(tokenizer, length, depth, seed=seed * 100003 + i)
         info = f"The pass key is {ex.passkey}. Remember it. {ex.passkey} is the pass key."
         eid = f"passkey-{length}-{seed}-{n}-{i}"  # n in the id: depths are spread over n trials
@@ -141,7 +135,7 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
         raise InputError(f"unknown niah variant '{variant}'; choose from {', '.join(NIAH_VARIANTS)}")
     t = niah_template()
     out = []
-    for i, depth in enumerate(spread(n)):
+    for i, depth in enumerate(depths(n)):
         rng = random.Random(f"niah-{variant}-{length}-{seed}-{i}")
         keys = [f"{a}-{b}" for a, b in zip(rng.sample(_NIAH_WORDS, 4), rng.sample(_NIAH_NOUNS, 4))]
         values = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(4)]
@@ -156,10 +150,10 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
         needles = [t["needle"].format(type_needle_v="numbers", key=k, value=v) for k, v in pairs]
         needle_tokens = sum(len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in needles)
         sentences = haystack(tokenizer, length - needle_tokens - 60, rng)
-        depths = [depth] + [rng.random() for _ in needles[1:]]
+        needle_depths = [depth] + [rng.random() for _ in needles[1:]]
         query = " and ".join(asked)
         intro = t["template"].partition("{context}")[0].format(type_needle_v="numbers").strip()
-        context = intro + "\n" + " ".join(_insert(sentences, needles, depths))
+        context = intro + "\n" + " ".join(_insert(sentences, needles, needle_depths))
         question = t["template"].split("{context}\n")[1].format(type_needle_v="numbers", query=query)
         answer_prefix = t["answer_prefix"].format(type_needle_v="numbers", query=query)
         answers = [v for k, v in pairs if k in asked]
@@ -231,12 +225,12 @@ def babi_examples(tokenizer, length: int, n: int, seed: int = 0, qa: int = 1) ->
         srng = random.Random(f"babi-{qa}-{length}-{seed}-{i}")
         fact_tokens = sum(len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f in s["facts"])
         sentences = haystack(tokenizer, length - fact_tokens - 300, srng)
-        depths = sorted(srng.random() for _ in s["facts"])
-        context = " ".join(_insert(sentences, s["facts"], depths))
+        fact_depths = sorted(srng.random() for _ in s["facts"])
+        context = " ".join(_insert(sentences, s["facts"], fact_depths))
         instruction = "\n\n".join([prompts["instruction"], prompts["examples"], prompts["post_prompt"]])
         eid = f"babi-qa{qa}-{length}-{seed}-{n}-{i}"  # n in the id: the sample drawn depends on n
         out.append(Example("babi", eid, eid, length, context, s["question"], [s["answer"]], " ".join(s["facts"]),
-                           instruction=instruction, scorer="contains", depth=depths[0] if depths else None,
+                           instruction=instruction, scorer="contains", depth=fact_depths[0] if fact_depths else None,
                            meta={"qa": qa}))
     return out
 

@@ -8,7 +8,7 @@ the adapter maps them, and the target model imports them and is scored:
   (either casing) at the prompt's last position; accuracy = the right choice scores highest among
   the choices;
 - limb target (``text-limb``): MSE of the predicted joint sin/cos; accuracy = the gripper lands
-  within :data:`REACH_PX` pixels of the named object.
+  within :data:`kvmap.arm.REACH_TOLERANCE` pixels of the named object.
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ from kvmap.bridges.tasks import BridgeExample, make_examples
 from kvmap.errors import InputError
 from kvmap.stores.tensor import TensorMemory, recording
 
-REACH_PX = 4.0
-"""A reach counts as correct when the gripper ends within this many pixels of the target's centre."""
 CONDITIONS = {
     "vision-text": ("bridge", "random", "none", "oracle"),
     "text-text": ("bridge", "random", "none", "oracle"),
@@ -164,7 +162,7 @@ class BridgeModule(pl.LightningModule):
         return torch.stack(losses).mean(), torch.tensor(correct)
 
     def _run_limb(self, batch, memories, direct: bool):
-        from kvmap.models.limb import reach_error
+        from kvmap.arm import REACH_TOLERANCE, reach_error
 
         images = torch.stack([ex.image for ex in batch])
         targets = torch.tensor([ex.target if direct else 0 for ex in batch])
@@ -178,7 +176,7 @@ class BridgeModule(pl.LightningModule):
             pred = torch.cat(preds)
         loss = F.mse_loss(pred, torch.stack([ex.angles for ex in batch]))
         error = reach_error(pred.detach(), torch.stack([ex.goal for ex in batch]))
-        return loss, (error <= REACH_PX).float()
+        return loss, (error <= REACH_TOLERANCE).float()
 
     # -- Lightning hooks --------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ A checkpoint (``limb.ckpt``) holds only the policy: its config and its state_dic
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from kvmap.arm import REACH_TOLERANCE, ReachDataset, reach_error
 from kvmap.errors import InputError
-from kvmap.models.limb import REACH_TOLERANCE, LimbPolicy, ReachDataset, reach_error
+from kvmap.fileio import write_bytes_atomic
+from kvmap.models.limb import LimbPolicy
 
 DEFAULT_CHECKPOINT = Path("~/.cache/kvmap/limb/limb.ckpt")
 """Where ``kvmap limb train`` puts the policy and the bridges look for it."""
@@ -132,14 +133,16 @@ class ReachDataModule(pl.LightningDataModule):
 
 
 def save_limb(policy: LimbPolicy, path: Path, metrics: dict | None = None) -> Path:
-    """Write the policy's config and state_dict to ``path`` atomically (temp file, then rename)."""
+    """Write the policy's config and state_dict to ``path`` atomically (:func:`kvmap.fileio.write_bytes_atomic`)."""
+    import io
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "config": dict(policy.config),
                 "state_dict": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
-                "metrics": dict(metrics or {})}, tmp)
-    os.replace(tmp, path)
+                "metrics": dict(metrics or {})}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

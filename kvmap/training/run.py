@@ -1,4 +1,4 @@
-"""One-call drivers behind ``kvmap bridge train|eval|bench``: fit an adapter, score every baseline, plot.
+"""One-call drivers behind ``kvmap bridge train`` and ``kvmap bridge eval``: fit an adapter, score every baseline, plot.
 
 A task's folder (``runs/bridges/TASK``) holds ``adapter.safetensors`` (the adapter alone),
 ``metrics.csv`` (Lightning's CSV log), ``training.png`` and ``metrics.json`` (held-out accuracy
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,15 +15,9 @@ import torch
 from tqdm import tqdm
 
 from kvmap.bridges.adapters import KVAdapter
-from kvmap.eval.stats import wilson
+from kvmap.fileio import write_json_atomic
+from kvmap.stats import wilson
 from kvmap.training.bridge import CONDITIONS, BridgeDataModule, BridgeModule
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def train_bridge(module: BridgeModule, data: BridgeDataModule, out: Path, max_steps: int = 200,
@@ -44,8 +35,8 @@ def train_bridge(module: BridgeModule, data: BridgeDataModule, out: Path, max_st
     began = time.perf_counter()
     trainer.fit(module, data)
     path = module.adapter.save(out / "adapter.safetensors")
-    _write_json(out / "training.json", {"steps": trainer.global_step, "seconds": round(time.perf_counter() - began, 1),
-                                        "hparams": dict(module.hparams), "data": dict(data.hparams)})
+    write_json_atomic(out / "training.json", {"steps": trainer.global_step, "seconds": round(time.perf_counter() - began, 1),
+                                              "hparams": dict(module.hparams), "data": dict(data.hparams)}, indent=2)
     plot_curves(out / "metrics.csv", out / "training.png", module.task)
     return path
 
@@ -80,7 +71,7 @@ def evaluate_bridge(module: BridgeModule, data: BridgeDataModule, adapter: Path 
                "adapter": str(adapter) if adapter else None, "test_seed": data.seed + 2, "chance": chance,
                "hparams": dict(module.hparams), "results": results}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics, indent=2)
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""Small statistics helpers for evaluation tables."""
+"""Small statistics helpers: Wilson and bootstrap intervals, a median that accepts no values."""
 from __future__ import annotations
 
 import math
@@ -16,6 +16,7 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def median(xs: list[float]) -> float | None:
+    """The median of ``xs``; None when there are none."""
     return statistics.median(xs) if xs else None
 
 
