@@ -419,6 +419,17 @@ def test_splice_mode_uses_the_splice_preset(capsys, fake_lm, tiny_memory, monkey
                        "splice-attention", "--layers", "0-1")
     assert rc == 0, err
     assert seen["config"] == preset("splice", layers=(0, 1))
+    rc, out, err = cli(capsys, "ask", "Who?", "--memory", tiny_memory, "--model", "tiny", "--n-blocks", "2",
+                       "--block-size", "8")
+    assert rc == 0, err
+    assert seen["config"] == preset("splice", n_blocks=2, block_size=8)
+
+
+@pytest.mark.parametrize("option", [["--n-blocks", "5"], ["--block-size", "31"], ["--n-blocks", "0"]])
+def test_block_counts_beyond_the_memory_are_refused(capsys, fake_lm, tiny_memory, option):
+    rc, _, err = cli(capsys, "ask", "Who?", "--memory", tiny_memory, "--model", "tiny", "--block-size", "8", *option)
+    one_line_error(rc, err, option[0].lstrip("-").replace("-", "_") if option[1] == "0" else option[0])
+    assert fake_lm.calls == 0
 
 
 # -- 7. hang: a question longer than the model's window ------------------------------------------

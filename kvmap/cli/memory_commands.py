@@ -5,8 +5,8 @@ import json
 import sys
 
 from kvmap.cli import checks
-from kvmap.cli.options import (REUSE_FLAGS, TOKEN_FLAGS, add_field_option, add_import_options, at_least, given,
-                               import_config, store_choices)
+from kvmap.cli.options import (BLOCK_FLAGS, REUSE_FLAGS, TOKEN_FLAGS, add_block_options, add_field_option,
+                               add_import_options, at_least, given, import_config, store_choices)
 from kvmap.errors import InputError, KVMapError
 
 ASK_MODES = ("splice", "splice-attention", "import")
@@ -124,7 +124,7 @@ def add_remember(sub) -> None:
 
 # -- ask -----------------------------------------------------------------------------------------
 
-SPLICE_ALLOWS = {"splice": (), "splice-attention": ("layers",)}
+SPLICE_ALLOWS = {"splice": tuple(BLOCK_FLAGS), "splice-attention": (*BLOCK_FLAGS, "layers")}
 """Import options that also apply in the splice modes (the others would be ignored there, so they are refused)."""
 
 
@@ -132,11 +132,12 @@ def ask_config(args):
     """The ImportConfig of ``kvmap ask`` (before the model loads): splice modes start from preset("splice")."""
     from kvmap.presets import PRESETS
 
-    typed = given(args, {**TOKEN_FLAGS, **REUSE_FLAGS})
+    flags = {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS}
+    typed = given(args, flags)
     if args.mode in SPLICE_ALLOWS:
         ignored = [name for name in typed if name not in SPLICE_ALLOWS[args.mode]]
         if ignored:
-            flags = ", ".join({**TOKEN_FLAGS, **REUSE_FLAGS}[n] for n in ignored)
+            flags = ", ".join(flags[n] for n in ignored)
             raise InputError(f"{flags} apply to --mode import only, not --mode {args.mode}; "
                              f"drop them or add --mode import")
         return import_config(args, base=PRESETS["splice"])
@@ -149,10 +150,16 @@ def _fit_memory(args, config, memory):
         raise InputError(f"memory {memory.path} is empty; remember something first "
                          f"(kvmap remember FILE --memory {memory.path})")
     n = memory.n_tokens
-    for name, value in given(args, {"top_k": "", **REUSE_FLAGS}).items():
+    flags = {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS}
+    for name, value in given(args, {"top_k": "", **REUSE_FLAGS, "block_size": ""}).items():
         if value > n:  # a count beyond the memory would only size buffers (1e9: a 1.3 TB allocation)
-            flag = {**TOKEN_FLAGS, **REUSE_FLAGS}[name]
-            raise InputError(f"{flag} {value} is more than the {n} tokens in memory {memory.path}; give at most {n}")
+            raise InputError(f"{flags[name]} {value} is more than the {n} tokens in memory {memory.path}; "
+                             f"give at most {n}")
+    if config.blocks is not None and args.n_blocks is not None:
+        most = -(-n // config.blocks.size)
+        if args.n_blocks > most:
+            raise InputError(f"--n-blocks {args.n_blocks} is more than the {most} blocks of {config.blocks.size} "
+                             f"tokens in memory {memory.path}; give at most {most}")
     if args.mode == "import" and config.top_k > n:  # the default, for a small memory: all of it
         config = config.with_options(top_k=n)
     return config
@@ -206,9 +213,13 @@ def add_ask(sub) -> None:
     a.add_argument("--json", action="store_true", help="print one JSON object {answer, memories}")
     a.add_argument("--mode", default="splice", choices=ASK_MODES,
                    help="splice (default): the memory blocks BM25 ranks best for the question (preset 'splice'), "
-                        "their stored K/V spliced into the prompt; splice-attention: the question's queries pick "
-                        "the blocks (--layers applies); import: every query's top-k memory tokens join attention "
-                        "(the seed's method; the options below apply)")
+                        "their stored K/V spliced into the prompt (--block-size, --n-blocks apply); "
+                        "splice-attention: the question's queries pick the blocks (--layers applies too); "
+                        "import: every query's top-k memory tokens join attention (the seed's method; the "
+                        "import options apply)")
+    from kvmap.presets import PRESETS
+
+    add_block_options(a, PRESETS["splice"])
     add_import_options(a)
     a.set_defaults(func=cmd_ask)
 

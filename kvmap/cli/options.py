@@ -83,6 +83,7 @@ def at_least(flag: str, value: int | None, low: int) -> None:
 
 TOKEN_FLAGS = {"top_k": "--top-k", "distance": "--distance", "placement": "--placement", "layers": "--layers"}
 REUSE_FLAGS = {"reuse": "--reuse", "reuse_next": "--reuse-next", "reuse_next_best": "--reuse-next-best"}
+BLOCK_FLAGS = {"block_size": "--block-size", "n_blocks": "--n-blocks"}
 """Flat option name (:data:`kvmap.ports.OPTION_NAMES`) -> CLI flag."""
 
 
@@ -111,6 +112,14 @@ def add_import_options(parser, defaults: dict | None = None, reuse: bool = True)
                      show_default=shown["reuse_next_best"])
 
 
+def add_block_options(parser, defaults: dict) -> None:
+    """``--block-size --n-blocks`` from BlockRetrieval, the defaults named from a preset's flat options."""
+    from kvmap.config import BlockRetrieval
+
+    add_field_option(parser, "--block-size", BlockRetrieval, "size", type=int, show_default=defaults["block_size"])
+    add_field_option(parser, "--n-blocks", BlockRetrieval, "n_blocks", type=int, show_default=defaults["n_blocks"])
+
+
 def given(args, flags: dict[str, str]) -> dict:
     """Flat options the user typed among ``flags`` (argparse leaves the others None)."""
     out = {}
@@ -125,7 +134,7 @@ def import_options(args, base: dict | None = None) -> dict:
     """Flat import options: ``base`` (a preset's) overridden by what the user typed; ``--layers`` parsed."""
     from kvmap.config import parse_layers
 
-    typed = given(args, {**TOKEN_FLAGS, **REUSE_FLAGS})
+    typed = given(args, {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS})
     options = {**(base or {}), **typed}
     if options.get("reuse") == 0:  # --reuse 0 turns a preset's reuse off, with its followers
         options = {k: v for k, v in options.items() if k in typed or not k.startswith("reuse_")}
