@@ -1,4 +1,4 @@
-"""The memory folder's format on disk: names, the writers' lock, strict reading, cleanup.
+"""The memory folder's format on disk: names, strict reading of manifest.json and meta.json, errors.
 
 ::
 
@@ -26,10 +26,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -37,11 +36,6 @@ from kvmap.errors import InputError, KVMapError, MemoryFormatError
 from kvmap.fileio import write_json_atomic
 from kvmap.ports import KVLayout
 from kvmap.stores.base import STORE_KINDS, make_index
-
-try:  # advisory lock between writers and cleanup (POSIX); without it cleanup is unguarded
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -61,10 +55,6 @@ MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1 << 16
 MAX_PARAM = (1 << 31) - 1
 FIX_MANIFEST = "restore it or start a new --memory folder"
 FIX_SEGMENT = "restore the folder or `kvmap forget` its source"
-
-HELD, BUSY, READ_ONLY = "held", "busy", "read-only"
-"""What :func:`lock` found: we hold it, another process does, or the folder cannot be written."""
-
 
 def show(x: Any, limit: int = 40) -> str:
     """A short one-line ``repr`` of a value read from a damaged file, for messages."""
@@ -138,45 +128,6 @@ def write_error(root: Path, err: OSError, doing: str) -> KVMapError:
         errno.EEXIST: ("something already exists at that path", "choose another --memory path"),
     }.get(err.errno, (err.strerror or type(err).__name__, "fix the folder and run it again"))
     return KVMapError(f"cannot {doing} memory {root}: {reason}; {fix}")
-
-
-# ----------------------------------------------------------------------------------------------
-# the lock
-
-
-@contextlib.contextmanager
-def lock(root: Path) -> Iterator[str]:
-    """Try to take the memory's exclusive lock, without waiting; yields HELD, BUSY or READ_ONLY.
-
-    The lock file is opened with ``O_NOFOLLOW`` (a symlinked ``.lock`` is refused, never
-    created elsewhere). The kernel drops the lock when its holder dies, even by SIGKILL.
-    """
-    if fcntl is None:  # pragma: no cover - non-POSIX
-        yield HELD
-        return
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(root / LOCK, flags, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise MemoryFormatError(f"memory {root} has a symlink {LOCK}; delete it "
-                                    "(kvmap memories never contain symlinks)") from None
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            yield READ_ONLY  # nobody can be writing a folder nobody may write
-            return
-        raise MemoryFormatError(f"memory {root} has an unusable {LOCK} ({err.strerror}); delete it") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield BUSY
-            return
-        try:
-            yield HELD
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,34 +325,3 @@ def meta_problem(meta: Any, rec: dict, manifest: dict) -> str | None:
     if missing:
         return f"it does not record {missing[0]}"
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# cleanup
-
-
-def cleanup(root: Path) -> None:
-    """Delete what a killed writer left: ``.tmp-*`` folders, unnamed segments, manifest temporaries.
-
-    Runs only while holding the lock (skipped when a writer holds it or the folder is
-    read-only), and reads the manifest again under it: a manifest read before taking the lock
-    may predate a segment another process has just committed. Deletes only real folders whose
-    names kvmap gives (``.tmp-*`` and 16 hex digits), never through a symlink.
-    """
-    seg_dir = root / SEGMENTS
-    if not seg_dir.is_dir() or seg_dir.is_symlink():
-        return
-    with lock(root) as state:
-        if state != HELD:
-            return
-        named = {rec["name"] for rec in read_manifest(root)["segments"]}
-        with os.scandir(seg_dir) as entries:
-            stale = [e.path for e in entries if e.is_dir(follow_symlinks=False) and
-                     (e.name.startswith(TMP_PREFIX) or (SEGMENT_NAME.fullmatch(e.name) and e.name not in named))]
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
-        with os.scandir(root) as entries:
-            temps = [e.path for e in entries if e.is_file(follow_symlinks=False) and MANIFEST_TMP.fullmatch(e.name)]
-        for path in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(path)

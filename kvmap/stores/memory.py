@@ -1,8 +1,10 @@
 """A memory is a folder: a manifest plus one sub-folder per segment of remembered tokens.
 
-The folder's format, its lock and its strict validation live in :mod:`kvmap.stores.folder`;
-reading and writing one segment in :mod:`kvmap.stores.segment`; passes over all keys in
-:mod:`kvmap.stores.scan`. This module is the :class:`Memory` itself.
+The folder's format and its strict validation live in :mod:`kvmap.stores.folder` (checked
+``.npy``/``.npz`` reads in :mod:`kvmap.stores.npyfile`), the writers' lock and cleanup
+in :mod:`kvmap.stores.lock`, one segment in :mod:`kvmap.stores.segment` (read) and
+:mod:`kvmap.stores.writer` (write), passes over all keys in :mod:`kvmap.stores.scan`. This
+module is the :class:`Memory` itself.
 
 Crash safety: a segment is written into ``segments/.tmp-<uuid>/``, renamed into place, and only
 then does an atomically replaced manifest name it. A process killed at any point leaves the
@@ -24,15 +26,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from kvmap.errors import InputError, KVMapError, MemoryFormatError
+from kvmap.errors import InputError, MemoryFormatError
 from kvmap.fileio import write_json_atomic
 from kvmap.ports import KVLayout, MemoryEntry
 from kvmap.stores import scan
 from kvmap.stores.base import STORE_KINDS, KVIndex, canonical_kind, make_index
 from kvmap.stores.folder import (  # noqa: F401  (re-exported: the format's names)
-    BUSY, DTYPES, FORMAT_VERSION, HELD, LOCK, MANIFEST, SEGMENTS, TMP_PREFIX, check_expected, check_folder,
-    cleanup, create_folder, lock, read_manifest, write_error,
+    DTYPES, FORMAT_VERSION, LOCK, MANIFEST, SEGMENTS, TMP_PREFIX, check_expected, check_folder, create_folder,
+    read_manifest, write_error,
 )
+from kvmap.stores.lock import cleanup, write_lock
 from kvmap.stores.segment import Segment, as_numpy, open_segment, open_segments
 from kvmap.stores.writer import SegmentWriter
 
@@ -155,18 +158,6 @@ class Memory:
     # -- adding and forgetting ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write_lock(self) -> Iterator[None]:
-        """Hold the lock for a change; a one-line error when another writer has it or the folder
-        is read-only. Only one writer (in any process) may change a memory at a time."""
-        check_folder(self.path)
-        with lock(self.path) as state:
-            if state == BUSY:
-                raise KVMapError(f"memory {self.path} is being written by another writer; wait for it to finish")
-            if state != HELD:
-                raise KVMapError(f"memory {self.path} is read-only; copy it to a writable folder to change it")
-            yield
-
-    @contextlib.contextmanager
     def writer(self, source: str, replace: bool = False) -> Iterator[SegmentWriter]:
         """Add one segment of tokens under ``source``: committed on clean exit, discarded on error.
 
@@ -176,7 +167,7 @@ class Memory:
         point leaves the old segments in place. A writer that appends nothing commits nothing
         (with or without ``replace``: the old segments stay).
         """
-        with self._write_lock():
+        with write_lock(self.path):
             w = SegmentWriter(self, source)
             try:
                 yield w
@@ -230,7 +221,7 @@ class Memory:
 
     def forget(self, source: str) -> int:
         """Remove every segment remembered under ``source``; return the number of tokens removed."""
-        with self._write_lock():
+        with write_lock(self.path):
             self._sync()
             gone = [s for s in self._segments if s.source == source]
             if not gone:
