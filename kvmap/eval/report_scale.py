@@ -13,9 +13,12 @@ from kvmap.ports import format_layers
 
 def scale_section(folder: Path, out_dir: Path) -> list[str]:
     """The scale section: passkey by memory size, corpus builds, and each scale benchmark's run file."""
-    return (["## Scale: store settings and sharding", ""] + _sizes(folder, out_dir) + _builds(folder)
-            + _decode_overhead(folder) + _recall_reuse(folder, out_dir) + _quantization(folder) + _recall(folder, out_dir)
-            + _layer_subsets(folder) + _sharded(folder))
+    lines = ["## Scale: store settings and sharding", ""] + _sizes(folder, out_dir) + _builds(folder)
+    for name, section in _BENCHMARKS:
+        r = _read(folder, name)
+        if r is not None:  # that benchmark has run
+            lines += section(r, out_dir)
+    return lines
 
 
 def _sizes(folder: Path, out_dir: Path) -> list[str]:
@@ -62,22 +65,16 @@ def _builds(folder: Path) -> list[str]:
     return lines
 
 
-def _decode_overhead(folder: Path) -> list[str]:
+def _decode_overhead(r: dict, out_dir: Path) -> list[str]:
     """Decode cost of the memory path itself (``benchmarks/decode_overhead.py``)."""
-    r = _read(folder, "decode_overhead.json")
-    if r is None:
-        return []
     lines = [f"Decode cost of the memory path itself (`benchmarks/decode_overhead.py`, a {r['settings']['memory_tokens']}"
              f"-token memory, {r['settings']['config']}): {r['decode_ms_memory']:.1f} vs {r['decode_ms_no_memory']:.1f} "
              f"ms/token without memory ({r['ratio']:.2f}×), median of {r['settings']['rounds']} alternating rounds.", ""]
     return lines
 
 
-def _recall_reuse(folder: Path, out_dir: Path) -> list[str]:
+def _recall_reuse(r: dict, out_dir: Path) -> list[str]:
     """Recall of retrieval reuse against exact search (``benchmarks/recall_reuse.py``), table and plot."""
-    r = _read(folder, "recall_reuse.json")
-    if r is None:
-        return []
     s = r["settings"]
     lines = [f"Recall@{s['k']} of retrieval reuse against exact search over the whole memory, on SmolLM2's "
              f"real K/V ({s['n_tokens']:,} tokens of tales), through the real import path "
@@ -102,11 +99,8 @@ def _recall_reuse(folder: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def _quantization(folder: Path) -> list[str]:
+def _quantization(r: dict, out_dir: Path) -> list[str]:
     """What int8 storage would cost in recall and attention output (``benchmarks/quantization_cost.py``)."""
-    r = _read(folder, "quantization.json")
-    if r is None:
-        return []
     s, b = r["settings"], r["bytes_per_token"]
     lines = [f"Compact storage: float16 K/V take {b['float16'] / 1024:.1f} KiB per token. Int8 with per-channel "
              f"scales (per segment, KV head and channel) would take {b['int8'] / 1024:.1f} KiB; on "
@@ -118,11 +112,8 @@ def _quantization(folder: Path) -> list[str]:
     return lines
 
 
-def _recall(folder: Path, out_dir: Path) -> list[str]:
+def _recall(r: dict, out_dir: Path) -> list[str]:
     """Recall@k of each store setting on real K/V (``benchmarks/recall_real_kv.py``), table and plot."""
-    r = _read(folder, "recall.json")
-    if r is None:
-        return []
     s = r["settings"]
     lines = [f"Recall@{s['k']} against exact search on SmolLM2's real K/V ({s['n_tokens']} tokens of tales) "
              f"with the rotated queries the import searches with ({s['questions']} FairytaleQA questions), "
@@ -138,11 +129,8 @@ def _recall(folder: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def _layer_subsets(folder: Path) -> list[str]:
+def _layer_subsets(r: dict, out_dir: Path) -> list[str]:
     """Passkey with imports into layer subsets only (``benchmarks/layer_subsets.py``)."""
-    r = _read(folder, "layer_subsets.json")
-    if r is None:
-        return []
     s = r["settings"]
     lines = [f"Importing into fewer layers would cut decode cost in proportion, so we asked which layers passkey "
              f"retrieval needs: {s['trials']} passkey documents of {s['length']:,} tokens, each read into a memory "
@@ -153,11 +141,8 @@ def _layer_subsets(folder: Path) -> list[str]:
     return lines
 
 
-def _sharded(folder: Path) -> list[str]:
+def _sharded(r: dict, out_dir: Path) -> list[str]:
     """The Ray-sharded store's overhead (``benchmarks/sharded_latency.py``)."""
-    r = _read(folder, "sharded-latency.json")
-    if r is None:
-        return []
     s = r["settings"]
     lines = [f"Ray-sharded store against the single-process store, one layer's search, {s['tokens']} tokens in "
              f"{s['segments']} segments, {s['shards']} shards, {s['store']} store, k={s['k']}, median of "
@@ -167,6 +152,17 @@ def _sharded(folder: Path) -> list[str]:
               f"{x['ratio']:.2f}× |" for x in r["layer_search"]]
     lines.append("")
     return lines
+
+
+_BENCHMARKS = (
+    ("decode_overhead.json", _decode_overhead),
+    ("recall_reuse.json", _recall_reuse),
+    ("quantization.json", _quantization),
+    ("recall.json", _recall),
+    ("layer_subsets.json", _layer_subsets),
+    ("sharded-latency.json", _sharded),
+)
+"""Each scale benchmark's run file under ``runs/scale`` and the function that writes its part, in report order."""
 
 
 def _read(folder: Path, name: str) -> dict | None:
