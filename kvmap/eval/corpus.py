@@ -6,7 +6,8 @@ Corpora:
   ``part_tokens`` tokens. When the tales run out before ``target_tokens`` (they hold about 1.03M
   tokens), they are read again as the next pass.
 - ``filler``: the passkey template's repeated filler sentences (the haystack of the passkey test at
-  every length, as in Landmark Attention and InfLLM), in parts of ``part_tokens`` tokens.
+  every length, as in Landmark Attention and InfLLM), in parts of ``part_tokens`` tokens; every
+  part is the same text, so a filler memory holds one part's K/V many times over.
 
 Each part is one source (one segment) of the memory. A killed build loses at most the part being
 read: a rerun skips every part already in the memory and goes on from there.

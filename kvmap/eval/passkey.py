@@ -74,14 +74,13 @@ def check_methods(methods: list[str]) -> None:
     """Raise InputError naming any method that is neither in METHODS nor a valid kvmap variant."""
     from kvmap.eval.methods import check_methods as check_harness_methods
 
+    if not methods:
+        raise InputError(f"no method given; choose from {', '.join(METHODS)}")
     for method in methods:
         base = method.split(":")[0]
         if base not in METHODS or (method != base and not base.startswith("kvmap")):
             raise InputError(f"unknown passkey method '{method}'; choose from {', '.join(METHODS)} or kvmap:KEY=VALUE")
-    if methods:
-        check_harness_methods(methods)  # InputError naming a bad option or value
-    if not methods:
-        raise InputError(f"no method given; choose from {', '.join(METHODS)}")
+    check_harness_methods(methods)  # InputError naming a bad option or value
 
 
 def _timed_plain_prefill(model, ids: list[int]) -> float:

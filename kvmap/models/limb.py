@@ -15,7 +15,7 @@ class LimbPolicy(nn.Module):
     """A small ViT that reads the image plus an instruction token and outputs joint angles.
 
     Tokens: [class, 64 patches, instruction]; the instruction embedding (0 = none, 1..4 =
-    :data:`COLOURS`) gets its own learned position. A linear head on the class token's output gives
+    :data:`kvmap.arm.COLOURS`) gets its own learned position. A linear head on the class token's output gives
     (sin t1, cos t1, sin t2, cos t2).
 
     Parameters
