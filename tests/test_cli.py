@@ -103,7 +103,9 @@ def test_report_builds_results_from_run_files(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| 1000 | kvmap | 100% | 2/2 |" in text and "1.50×" in text
-    assert (tmp_path / "results_passkey.png").stat().st_size > 1000
+    from kvmap.eval.plots import PLOT_DIR
+
+    assert (tmp_path / PLOT_DIR / "results_passkey.png").stat().st_size > 1000
 
 
 def test_report_summarises_a_run_that_has_not_finished(tmp_path):
