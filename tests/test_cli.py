@@ -133,7 +133,8 @@ def test_bridge_eval_without_a_trained_adapter_is_a_one_line_error(tmp_path):
 
 
 def test_import_options_reach_the_import_config():
-    from kvmap.cli import _import_config, build_parser
+    from kvmap.cli import build_parser
+    from kvmap.cli.options import import_config as _import_config
 
     args = build_parser().parse_args(["ask", "q?", "--memory", "m", "--mode", "import", "--reuse", "256", "--reuse-next", "8",
                                       "--reuse-next-best", "16", "--layers", "0-28/2"])

@@ -16,7 +16,6 @@ import os
 import sys
 
 from kvmap.cli import eval_commands, memory_commands, model_commands
-from kvmap.cli.options import import_config as _import_config  # noqa: F401  (kept for callers of the old module)
 from kvmap.errors import KVMapError
 
 __all__ = ["build_parser", "main"]
