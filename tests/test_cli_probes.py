@@ -214,7 +214,7 @@ def test_utf16_file_is_remembered(capsys, fake_lm, tmp_path):
 @pytest.mark.parametrize("size", ["0", "-1"])
 def test_chunk_size_below_one_is_refused_before_the_model_loads(capsys, fake_lm, text_file, tmp_path, size):
     rc, _, err = cli(capsys, "remember", text_file("a.txt", TALE), "--memory", tmp_path / "mem", "--chunk-size", size)
-    one_line_error(rc, err, "chunk_size", "1 or more")
+    one_line_error(rc, err, "--chunk-size", "1 or more")
     assert fake_lm.calls == 0
 
 
@@ -458,6 +458,15 @@ def test_a_real_answer_still_comes_back(capsys, fake_lm, tmp_path, text_file):
 
 
 # -- 8. the chunk cache is keyed by the model ----------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_reader_config_refuses_chunk_size_below_one(size):
+    from kvmap.errors import InputError
+    from kvmap.reader import ReaderConfig
+
+    with pytest.raises(InputError, match="chunk_size"):
+        ReaderConfig(chunk_size=size)
+
 
 def test_chunk_cache_is_not_shared_between_models():
     from kvmap.models.llama import LlamaMemoryPort

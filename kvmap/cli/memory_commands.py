@@ -82,7 +82,8 @@ def cmd_remember(args) -> int:
     from kvmap.reader import ReaderConfig, read_into
     from kvmap.stores import Memory
 
-    reader = ReaderConfig(chunk_size=args.chunk_size)  # bad sizes fail before the model loads
+    at_least("--chunk-size", args.chunk_size, 1)  # bad sizes fail before the model loads
+    reader = ReaderConfig(chunk_size=args.chunk_size)
     folder = checks.memory_folder(args.memory, create=True)
     inputs = _read_inputs(args)
     lm = load(args.model)
