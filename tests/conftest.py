@@ -23,6 +23,35 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     return LlamaForCausalLM(cfg).eval()
 
 
+def export_kv(port, ids: torch.Tensor, **kw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pre-RoPE keys and values, each (H, T, d) per layer, that ``port``'s model exports reading ``ids``."""
+    keys, values = {}, {}
+
+    def recorder(layer, k, v):
+        keys[layer], values[layer] = k[0], v[0]  # (H, T, d)
+
+    with torch.no_grad(), port.exporting(recorder):
+        port.model(ids, **kw)
+    n = port.layout.n_layers
+    return [keys[i] for i in range(n)], [values[i] for i in range(n)]
+
+
+def true_placement_gap(port, n_tokens: int = 40, prefix: int = 25, seed: int = 0) -> float:
+    """The parity check of every port: the first ``prefix`` tokens exported, then imported at their true
+    positions (all of them), must give the rest of the sequence full attention's logits. Returns the
+    largest absolute logit difference."""
+    from kvmap.ports import ImportConfig
+
+    ids = torch.randint(0, 128, (1, n_tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full = port.model(ids).logits[0, prefix:]
+        memory = BruteForceMemory(*export_kv(port, ids[:, :prefix]))
+        with port.importing(memory, ImportConfig.from_options(top_k=prefix, placement="true")):
+            pos = torch.arange(prefix, n_tokens)[None]
+            got = port.model(ids[:, prefix:], position_ids=pos, use_cache=False).logits[0]
+    return (got - full).abs().max().item()
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import BruteForceMemory, tiny_llama
+from conftest import BruteForceMemory, export_kv, tiny_llama
 from kvmap.errors import InputError, KVMapError
 from kvmap.models.llama import LlamaMemoryPort
 from kvmap.ports import ImportConfig, ImportTrace
@@ -14,16 +14,7 @@ from kvmap.rope import cos_sin, rotate
 MEMORY_IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 61, 23, 7, 70, 11, 2, 90, 33, 64, 12]])
 
 
-def _export(port, ids):
-    keys, values = {}, {}
-
-    def record(layer, k, v):
-        keys[layer], values[layer] = k[0], v[0]  # (H, T, d)
-
-    with torch.no_grad(), port.exporting(record):
-        port.model(ids)
-    n = port.layout.n_layers
-    return [keys[i] for i in range(n)], [values[i] for i in range(n)]
+_export = export_kv
 
 
 def _yarn_llama():

@@ -6,35 +6,14 @@ import torch
 from kvmap.models.llama import LlamaMemoryPort
 from kvmap.ports import ImportConfig
 from kvmap.rope import cos_sin, rotate, unrotate
-from tests.conftest import BruteForceMemory, tiny_llama
+from tests.conftest import BruteForceMemory, export_kv, tiny_llama, true_placement_gap
 
 
-def _export(port, ids, **kw):
-    keys, values = {}, {}
-
-    def recorder(layer, k, v):
-        keys[layer], values[layer] = k[0], v[0]  # (H, T, d)
-
-    with port.exporting(recorder):
-        port.model(ids, **kw)
-    n = port.layout.n_layers
-    return [keys[i] for i in range(n)], [values[i] for i in range(n)]
+_export = export_kv
 
 
 def test_import_at_true_positions_reproduces_full_attention():
-    model = tiny_llama()
-    port = LlamaMemoryPort(model, model_id="tiny")
-    ids = torch.randint(0, 128, (1, 40))
-    prefix = 25
-    with torch.no_grad():
-        full = model(ids).logits[0, prefix:]
-        keys, values = _export(port, ids[:, :prefix])
-        memory = BruteForceMemory(keys, values)
-        config = ImportConfig.from_options(top_k=prefix, placement="true")
-        with port.importing(memory, config):
-            pos = torch.arange(prefix, ids.shape[1])[None]
-            got = model(ids[:, prefix:], position_ids=pos, use_cache=False).logits[0]
-    assert (got - full).abs().max().item() <= 1e-4
+    assert true_placement_gap(LlamaMemoryPort(tiny_llama(), model_id="tiny")) <= 1e-4
 
 
 def test_unrotate_then_rotate_gives_the_models_own_keys():
@@ -51,8 +30,9 @@ def test_unrotate_then_rotate_gives_the_models_own_keys():
             assert torch.allclose(unrotate(rotated, cos, sin), pre[layer], atol=1e-5)
 
 
-def test_fixed_placement_scores_memories_at_distance():
-    """A memory key at position 0 scored by a query rotated to D equals RoPE attention at distance D."""
+def test_rope_helpers_score_a_key_at_distance():
+    """The RoPE helpers: a key at position 0 scored by a query rotated to D equals RoPE attention at distance
+    D. (The port itself, fixed placement against full attention, is checked in test_attend_fixes.py.)"""
     model = tiny_llama()
     port = LlamaMemoryPort(model)
     q, k = torch.randn(16), torch.randn(16)

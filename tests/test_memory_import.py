@@ -84,8 +84,19 @@ def test_blocks_are_chosen_once_and_kept_while_decoding(tmp_path):
     read_into(port, IdTokenizer(), memory, "doc", [" ".join(str(i % 100) for i in range(200))],
               ReaderConfig(chunk_size=32, sinks=4), progress=False)
     config = ImportConfig.from_options(block_size=8, n_blocks=2, neighbours=1)
+    prompt = torch.tensor([[5, 6, 7]])
     with torch.no_grad(), port.importing(memory, config) as trace:
-        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
-    # 2 blocks + 1 neighbour each side, at most 6 blocks x 8 tokens, counted once per layer and head
+        out = model(prompt, use_cache=True)
+        chosen = {layer: ids.clone() for layer, ids in trace.blocks.items()}
+        token = out.logits[0, -1].argmax().view(1, 1)
+        for _ in range(4):  # decode steps keep the prompt's choice
+            out = model(token, cache=out.cache, use_cache=True)
+            token = out.logits[0, -1].argmax().view(1, 1)
+    assert set(chosen) == set(range(port.layout.n_layers))
+    for layer, ids in trace.blocks.items():
+        assert torch.equal(ids, chosen[layer])
+        assert ids.shape == (port.layout.n_kv_heads, 6 * 8)  # 2 blocks + 1 neighbour each side, 8 tokens each
+        assert all(len(set(row.tolist())) == 6 for row in ids // 8)
+    # recorded once, at the choice: exactly 6 x 8 tokens per layer and KV head
     per_layer_head = sum(trace.hits.values()) / (port.layout.n_layers * port.layout.n_kv_heads)
-    assert per_layer_head <= 6 * 8
+    assert per_layer_head == 6 * 8
