@@ -52,7 +52,12 @@ def choose_blocks(port: MemoryPort, memory, prompt_ids: list[int], config: Impor
 
 
 def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0) -> torch.Tensor:
-    """Memory ids (M,) of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
+    """Memory ids (M,) of the blocks :func:`bm25_block_ids` chooses, in reading order."""
+    return block_tokens(bm25_block_ids(memory, question, block_size, n_blocks, neighbours), block_size, memory.n_tokens)
+
+
+def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0) -> list[int]:
+    """Indices of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
 
     ``neighbours``: also take that many blocks either side of each chosen one (EM-LLM's contiguity
     buffer), so a fact cut at a block edge comes with its sentence. Overlapping neighbourhoods
@@ -66,8 +71,7 @@ def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, 
     if len(blocks) > n_blocks and len(texts) % block_size and len(blocks) - 1 in ranked:
         # keep every choice the same length: swap a short last block for the next best one
         ranked = [b for b in BM25Retriever().top(blocks, question, n_blocks + 1) if b != len(blocks) - 1][:n_blocks]
-    chosen = {n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < len(blocks)}
-    return block_tokens(sorted(chosen), block_size, memory.n_tokens)
+    return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < len(blocks)})
 
 
 def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Tensor:

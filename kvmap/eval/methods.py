@@ -320,10 +320,10 @@ class GroupRunner:
             before, _ = prompt_parts(self.tok, ex, False)
             began = time.perf_counter()
             if text_choice:
-                from kvmap.splice import bm25_blocks
+                from kvmap.splice import bm25_block_ids
 
-                ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
-                config = config.with_options(fixed_blocks=tuple(sorted({int(i) // config.blocks.size for i in ids})))
+                blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
+                config = config.with_options(fixed_blocks=tuple(blocks))
             with self.port.importing(memory, config):
                 answer = self._generate(before)
             answer.seconds = time.perf_counter() - began
