@@ -121,7 +121,7 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
         raise InputError("splice modes need block settings (config.blocks); "
                          "use kvmap.presets.preset('splice', ...) or ImportConfig.from_options(block_size=..., n_blocks=...)")
     if choice == "bm25":
-        ids = bm25_blocks(memory, question, config.blocks.size, config.blocks.n_blocks)
+        ids = bm25_blocks(memory, question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours)
     else:
         question_tokens = len(tok(question, add_special_tokens=False)["input_ids"])
         ids = choose_blocks(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)

@@ -24,22 +24,22 @@ def chooser(monkeypatch):
     import kvmap.splice
 
     def bm25_blocks(memory, question, block_size, n_blocks, neighbours=0):
-        raise _Chosen(block_size, n_blocks)
+        raise _Chosen(block_size, n_blocks, neighbours)
 
     monkeypatch.setattr(kvmap.splice, "bm25_blocks", bm25_blocks)
 
 
 def test_splice_mode_uses_the_given_block_settings(chooser):
     with pytest.raises(_Chosen) as got:
-        ask(_fake_lm(), "Who?", memory=object(), config=preset("splice", block_size=16, n_blocks=3))
-    assert got.value.args == (16, 3)
+        ask(_fake_lm(), "Who?", memory=object(), config=preset("splice", block_size=16, n_blocks=3, neighbours=1))
+    assert got.value.args == (16, 3, 1)
 
 
 def test_splice_mode_without_a_config_uses_the_splice_preset(chooser):
     with pytest.raises(_Chosen) as got:
         ask(_fake_lm(), "Who?", memory=object())
     splice = preset("splice")
-    assert got.value.args == (splice.blocks.size, splice.blocks.n_blocks)
+    assert got.value.args == (splice.blocks.size, splice.blocks.n_blocks, splice.blocks.neighbours)
 
 
 def test_splice_mode_refuses_a_config_without_blocks(chooser):
