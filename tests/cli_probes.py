@@ -165,8 +165,8 @@ def probes(tree: Path) -> list[Probe]:
         Probe("splice --top-k 0", [*ask, "--top-k", "0"], setup=told, words=("top-k",), model=True),
         Probe("splice --top-k 1000000000", [*ask, "--top-k", "1000000000"], setup=told, words=("top-k",), model=True),
         Probe("splice --reuse 256", [*ask, "--reuse", "256"], setup=told, words=("reuse",), model=True),
-        Probe("import --top-k 0", [*ask, "--mode", "import", "--top-k", "0"], setup=told, words=("top_k",), model=True),
-        Probe("import --top-k -1", [*ask, "--mode", "import", "--top-k", "-1"], setup=told, words=("top_k",), model=True),
+        Probe("import --top-k 0", [*ask, "--mode", "import", "--top-k", "0"], setup=told, words=("top-k",), model=True),
+        Probe("import --top-k -1", [*ask, "--mode", "import", "--top-k", "-1"], setup=told, words=("top-k",), model=True),
         Probe("empty memory, default ask", ask, setup=lambda f: _empty_memory(tree, f), words=("empty",), model=True),
         Probe("empty memory, splice-attention", [*ask, "--mode", "splice-attention"],
               setup=lambda f: _empty_memory(tree, f), words=("empty",), model=True),
@@ -182,8 +182,9 @@ def probes(tree: Path) -> list[Probe]:
         Probe("remember --replace killed midway", ["remember", "tale.txt", "--memory", "mem", "--replace"],
               model=True, expect="ok", kill_after="remember tale.txt", timeout=180,
               setup=lambda f: (write(f / "tale.txt", TALE * 3), remember(tree, f, "tale.txt"),
+                               write(f / "before.json", json.dumps(_memory_sources(f))),
                                write(f / "tale.txt", OTHER * 3)),
-              check=lambda f, out: _memory_sources(f).get("tale.txt", 0) > 1000),
+              check=lambda f, out: _memory_sources(f) == json.loads((f / "before.json").read_text())),
     ]
     return p
 

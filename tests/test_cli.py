@@ -146,4 +146,4 @@ def test_import_options_reach_the_import_config():
 def test_negative_reuse_option_is_a_one_line_error(tiny_memory):
     proc = run_cli("ask", "q?", "--memory", str(tiny_memory), "--mode", "import", "--reuse", "8",
                    "--reuse-next-best", "-1")
-    assert_one_line_error(proc, "reuse_next_best must be 0 or more")
+    assert_one_line_error(proc, "--reuse-next-best must be 0 or more")

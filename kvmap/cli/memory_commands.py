@@ -138,9 +138,10 @@ def ask_config(args):
     if args.mode in SPLICE_ALLOWS:
         ignored = [name for name in typed if name not in SPLICE_ALLOWS[args.mode]]
         if ignored:
-            flags = ", ".join(flags[n] for n in ignored)
-            raise InputError(f"{flags} apply to --mode import only, not --mode {args.mode}; "
-                             f"drop them or add --mode import")
+            names = ", ".join(flags[n] for n in ignored)
+            one = len(ignored) == 1
+            raise InputError(f"{names} {'applies' if one else 'apply'} to --mode import only, not --mode {args.mode}; "
+                             f"drop {'it' if one else 'them'} or add --mode import")
         return import_config(args, base=PRESETS["splice"])
     return import_config(args)
 

@@ -147,4 +147,11 @@ def import_config(args, base: dict | None = None):
     """The ImportConfig of ``base`` (a preset's flat options) plus the options typed; InputError if invalid."""
     from kvmap.config import ImportConfig
 
-    return ImportConfig.from_options(**import_options(args, base))
+    try:
+        return ImportConfig.from_options(**import_options(args, base))
+    except InputError as err:  # "top_k must be 1 or more" -> "--top-k must be 1 or more"
+        message = str(err)
+        for name, flag in {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS}.items():
+            if message.startswith(f"{name} "):
+                raise InputError(flag + message[len(name):]) from None
+        raise
