@@ -263,9 +263,12 @@ def _segments_safe(path: Path) -> list[str]:
 # use
 
 
-def use(path: Path, verify: bool) -> None:
+def use(path: Path, verify: bool, expect: bool) -> None:
     """Open the memory and touch every read path: search, streamed search, fetch, entry, texts, blocks."""
-    mem = Memory.open(path, verify=verify)
+    if expect:  # as the CLI opens it: made by this model, of this layout
+        mem = Memory.open(path, expect_model_id="test/model", expect_layout=LAYOUT, verify=verify)
+    else:
+        mem = Memory.open(path, verify=verify)
     H, d = mem.layout.n_kv_heads, mem.layout.head_dim
     mem.sources()
     if H * d > 1 << 14:  # an empty memory may declare a big layout; queries of it are the test's cost
@@ -301,11 +304,12 @@ def run_case(world, kind: str, data) -> None:
     for _ in range(data.draw(st.integers(1, 3), label="n_damages")):
         damage(path, kind, world["sentinel"], data)
     verify = data.draw(st.booleans(), label="verify")
+    expect = data.draw(st.booleans(), label="expect model and layout")
     STATS["cases"] += 1
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CASE_SECONDS)
     try:
-        use(path, verify)
+        use(path, verify, expect)
         STATS["opened"] += 1
     except KVMapError as err:
         msg = str(err)

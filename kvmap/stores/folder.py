@@ -56,6 +56,7 @@ MAX_PARAM = (1 << 31) - 1
 FIX_MANIFEST = "restore it or start a new --memory folder"
 FIX_SEGMENT = "restore the folder or `kvmap forget` its source"
 
+
 def show(x: Any, limit: int = 40) -> str:
     """A short one-line ``repr`` of a value read from a damaged file, for messages."""
     text = repr(x)
@@ -87,7 +88,7 @@ def file_digest(path: Path, dtype: np.dtype | None = None) -> tuple[str, bool]:
     return h.hexdigest(), finite
 
 
-def real_entry(path: Path, root: Path, want_dir: bool) -> os.stat_result:
+def real_entry(path: Path, root: Path, want_dir: bool, fix: str = FIX_SEGMENT) -> os.stat_result:
     """``lstat`` of a folder or regular file inside memory ``root``; refuses symlinks and the rest.
 
     A symlink could point anywhere: reading it would read outside the memory, and cleanup or
@@ -97,12 +98,12 @@ def real_entry(path: Path, root: Path, want_dir: bool) -> os.stat_result:
     try:
         st = os.lstat(path)
     except OSError as err:
-        raise MemoryFormatError(f"memory {root} cannot read {path} ({err.strerror}); {FIX_SEGMENT}") from None
+        raise MemoryFormatError(f"memory {root} cannot read {path} ({err.strerror}); {fix}") from None
     if stat.S_ISLNK(st.st_mode):
         raise MemoryFormatError(f"memory {root} contains a symlink {path}; replace it with the real {what} "
                                 "(kvmap memories never contain symlinks)")
     if not (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)):
-        raise MemoryFormatError(f"memory {root}: {path} is not a {what}; {FIX_SEGMENT}")
+        raise MemoryFormatError(f"memory {root}: {path} is not a {what}; {fix}")
     return st
 
 
@@ -136,7 +137,7 @@ def write_error(root: Path, err: OSError, doing: str) -> KVMapError:
 
 def read_json(file: Path, root: Path) -> Any:
     """Parse a JSON file of the memory; ``ValueError`` for anything that is not JSON."""
-    real_entry(file, root, want_dir=False)
+    real_entry(file, root, want_dir=False, fix=FIX_MANIFEST)
     try:
         return json.loads(file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, RecursionError) as err:
@@ -174,8 +175,8 @@ def manifest_problem(m: dict) -> str | None:
     for key in ("model_id", "layout", "dtype", "store", "segments", "n_tokens"):
         if key not in m:
             return f"missing {key!r}"
-    if not isinstance(m["model_id"], str):
-        return f"model_id must be a string, not {show(m['model_id'])}"
+    if not isinstance(m["model_id"], str) or not m["model_id"].isprintable() or not 0 < len(m["model_id"]) <= 1000:
+        return f"model_id must be a printable string, not {show(m['model_id'])}"
     problem = layout_problem(m["layout"]) or store_problem(m["store"])
     if problem:
         return problem
@@ -312,8 +313,8 @@ def meta_problem(meta: Any, rec: dict, manifest: dict) -> str | None:
         want = rec[key] if key in rec else manifest[key]
         if meta.get(key) != want or type(meta.get(key)) is not type(want):
             return f"{key} {show(meta.get(key))} differs from the manifest's {show(want)}"
-    if not isinstance(meta.get("store"), dict) or meta["store"].get("kind") != manifest["store"]["kind"]:
-        return "store kind differs from the manifest's"
+    if meta.get("store") != manifest["store"]:  # the index was built with these parameters
+        return f"store {show(meta.get('store'))} differs from the manifest's"
     files, expected = meta["files"], expected_files(manifest["layout"], manifest["store"]["kind"])
     for name, info in files.items():
         if name not in expected:

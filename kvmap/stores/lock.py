@@ -26,8 +26,6 @@ HELD, BUSY, READ_ONLY = "held", "busy", "read-only"
 """What :func:`lock` found: we hold it, another process does, or the folder cannot be written."""
 
 
-
-
 @contextlib.contextmanager
 def lock(root: Path) -> Iterator[str]:
     """Try to take the memory's exclusive lock, without waiting; yields HELD, BUSY or READ_ONLY.
@@ -38,17 +36,10 @@ def lock(root: Path) -> Iterator[str]:
     if fcntl is None:  # pragma: no cover - non-POSIX
         yield HELD
         return
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(root / LOCK, flags, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise MemoryFormatError(f"memory {root} has a symlink {LOCK}; delete it "
-                                    "(kvmap memories never contain symlinks)") from None
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            yield READ_ONLY  # nobody can be writing a folder nobody may write
-            return
-        raise MemoryFormatError(f"memory {root} has an unusable {LOCK} ({err.strerror}); delete it") from None
+    fd = _open_lock_file(root)
+    if fd is None:
+        yield READ_ONLY  # nobody can be writing a folder nobody may write
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,6 +52,21 @@ def lock(root: Path) -> Iterator[str]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _open_lock_file(root: Path) -> int | None:
+    """File descriptor of ``.lock`` (created if missing, never through a symlink); None when the
+    folder is read-only."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(root / LOCK, flags, 0o644)
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return None
+        if err.errno == errno.ELOOP:
+            raise MemoryFormatError(f"memory {root} has a symlink {LOCK}; delete it "
+                                    "(kvmap memories never contain symlinks)") from None
+        raise MemoryFormatError(f"memory {root} has an unusable {LOCK} ({err.strerror}); delete it") from None
 
 
 @contextlib.contextmanager
