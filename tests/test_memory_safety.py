@@ -646,3 +646,19 @@ def test_segment_sizes_and_kv(tmp_path):
     k, v = mem.segment_kv(0, 1)
     assert k.shape == (9, 3, 16) and not k.flags.writeable
     np.testing.assert_array_equal(v, tokens["values"][1].transpose(1, 0, 2).astype(np.float16))
+
+
+def test_crafted_flat_faiss_file_is_refused_not_a_crash(tmp_path):
+    """faiss parses index files natively: the first 27 bytes of a real flat index (checksums fixed
+    up) crash ``faiss.read_index`` with SIGSEGV. The flat header is checked byte for byte first."""
+    path = tmp_path / "m"
+    small_memory(path, store="flat")
+    name = segment_names(path)[0]
+    rewrite(path, name, "l00h01.faiss", (path / "segments" / name / "l00h01.faiss").read_bytes()[:27])
+    code = ("import sys, torch; from kvmap.stores import Memory; from kvmap.errors import MemoryFormatError\n"
+            "mem = Memory.open(sys.argv[1])\n"
+            "try:\n    mem.search(0, torch.ones(3, 1, 16), 3)\nexcept MemoryFormatError as e:\n    print('refused', e)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=ENV,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, f"rc {out.returncode}: {out.stderr[-300:]}"
+    assert out.stdout.startswith("refused") and "l00h01.faiss" in out.stdout and out.stdout.count("\n") == 1

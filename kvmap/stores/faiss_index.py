@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -40,6 +41,27 @@ def _faiss():
 
 def _file(layer: int, head: int) -> str:
     return f"l{layer:02d}h{head:02d}.faiss"
+
+
+FLAT_IP = b"IxFI"
+"""faiss's tag of an ``IndexFlatIP`` file."""
+
+
+def check_flat_file(path: Path, n: int, d: int) -> None:
+    """Refuse an ``IndexFlatIP`` file unless every header field is what faiss writes for n keys of d dims.
+
+    faiss parses index files natively and trusts them: a damaged header (a size field, say)
+    can crash the process. A flat index's layout is fixed, so it is checked byte for byte first:
+    tag, d (int32), ntotal (int64), two dummies 2**20 (int64), is_trained (1 byte), metric 0
+    (int32), the code count n * d (uint64), then n * d float32 (faiss 1.7-1.15 ``write_index``).
+    HNSW and IVF-PQ files are not checked this way: a memory is trusted data for those kinds.
+    """
+    with open(path, "rb") as f:
+        head = f.read(45)
+        size = os.fstat(f.fileno()).st_size
+    expected = FLAT_IP + struct.pack("<iqqq?iQ", d, n, 1 << 20, 1 << 20, True, 0, n * d)
+    if head != expected or size != 45 + 4 * n * d:
+        raise ValueError(f"{path.name} is not a flat inner-product index of {n} keys of {d} dims")
 
 
 @dataclass
@@ -85,7 +107,12 @@ class _FaissIndex:
         flags = faiss.IO_FLAG_MMAP_IFC if self.mmap else 0
         self.heads = []
         for h in range(keys.shape[1]):
-            index = faiss.read_index(str(Path(folder) / _file(layer, h)), flags)
+            file = Path(folder) / _file(layer, h)
+            with open(file, "rb") as f:
+                is_flat = f.read(4) == FLAT_IP
+            if is_flat or self.kind == "flat":  # a flat kind's file must be flat
+                check_flat_file(file, keys.shape[0], keys.shape[2])
+            index = faiss.read_index(str(file), flags)
             if index.ntotal != keys.shape[0] or index.d != keys.shape[2]:
                 raise ValueError(f"{_file(layer, h)} holds {index.ntotal}x{index.d}, expected {keys.shape}")
             self._configure(index)
