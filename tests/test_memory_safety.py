@@ -169,6 +169,29 @@ def test_reader_racing_a_writer_keeps_the_segment_it_just_committed(tmp_path, mo
     assert all((path / "segments" / n).is_dir() for n in segment_names(path))
 
 
+def test_reader_racing_a_forget_reads_the_new_manifest(tmp_path, monkeypatch):
+    """Another process forgets a source between this reader's manifest read and its opening of
+    the segments: the reader sees a folder gone, reads the manifest again, and opens what is left."""
+    path = tmp_path / "m"
+    small_memory(path)
+    real = memory_module.read_manifest
+    raced = []
+
+    def read_then_forget_elsewhere(p):
+        manifest = real(p)
+        if not raced:
+            raced.append(1)
+            code = "import sys; from kvmap.stores import Memory; print(Memory.open(sys.argv[1]).forget('a'))"
+            out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=ENV,
+                                 cwd=ROOT, timeout=120)
+            assert out.stdout.strip() == "40", out.stderr
+        return manifest
+
+    monkeypatch.setattr(memory_module, "read_manifest", read_then_forget_elsewhere)
+    mem = Memory.open(path)
+    assert raced and mem.sources() == [{"source": "b", "n_tokens": 30, "n_docs": 1}]
+
+
 def test_two_writers_in_two_processes_both_survive_or_one_is_refused(tmp_path):
     """Two processes, each holding a Memory opened before the other wrote, add a segment at once."""
     path = tmp_path / "m"
