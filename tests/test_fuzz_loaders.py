@@ -95,12 +95,17 @@ def _files(path: Path) -> list[Path]:
 
 
 def _real(path: Path, file: Path) -> bool:
-    """No part of ``file`` below ``path`` is a symlink: the damage itself must not write outside."""
-    part = file
-    while part != path:
-        if part.is_symlink():
+    """``file`` lies below ``path`` and no part of it is a symlink: the damage itself must not
+    write outside."""
+    try:
+        parts = file.relative_to(path).parts
+    except ValueError:
+        return False
+    part = path
+    for name in parts:
+        part = part / name
+        if part.is_symlink() or name in ("..", "."):
             return False
-        part = part.parent
     return True
 
 
@@ -216,7 +221,8 @@ def damage(path: Path, kind: str, sentinel: Path, data) -> None:
     elif op == "crafted":
         names, manifest = _segments_safe(path), _manifest_safe(path)
         if names and manifest:
-            rec = manifest["segments"][data.draw(st.integers(0, 9)) % len(names)]
+            name = names[data.draw(st.integers(0, 9)) % len(names)]
+            rec = next(r for r in manifest["segments"] if r["name"] == name)
             seg = path / "segments" / rec["name"]
             if not _real(path, seg):
                 return
