@@ -685,3 +685,14 @@ def test_crafted_flat_faiss_file_is_refused_not_a_crash(tmp_path):
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, f"rc {out.returncode}: {out.stderr[-300:]}"
     assert out.stdout.startswith("refused") and "l00h01.faiss" in out.stdout and out.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("field,value", [("token_ids", 10**12), ("offsets", -1), ("doc_ids", -3), ("offsets", 0.5)])
+def test_writer_refuses_what_the_loader_would_refuse(tmp_path, field, value):
+    mem = Memory.create(tmp_path / "m", MODEL, LAYOUT)
+    tokens = make_tokens(np.random.default_rng(0), 4)
+    tokens[field] = np.full(4, value)
+    with pytest.raises(InputError) as err:
+        with mem.writer("a") as w:
+            w.append(**tokens)
+    assert field in one_line(err) and mem.n_tokens == 0

@@ -21,8 +21,7 @@ from kvmap.errors import InputError
 from kvmap.fileio import fsync_dir, write_bytes_atomic
 from kvmap.stores.base import STORE_KINDS, make_index
 from kvmap.stores.folder import FORMAT_VERSION, SEGMENTS, TMP_PREFIX, file_digest, write_error
-from kvmap.stores.segment import as_numpy
-
+from kvmap.stores.segment import MAX_TOKEN_ID, as_numpy
 
 
 def write_all(f, data: memoryview) -> None:
@@ -80,6 +79,9 @@ class SegmentWriter:
                 ((token_ids, "token_ids"), (doc_ids, "doc_ids"), (offsets, "offsets"))]
         if any(len(c) != n for c in cols) or len(texts) != n:
             raise InputError(f"token_ids, doc_ids, offsets and texts must each have {n} entries")
+        for col, name, hi in zip(cols, ("token_ids", "doc_ids", "offsets"), (MAX_TOKEN_ID, 1 << 62, 1 << 62)):
+            if n and (col.dtype.kind not in "iu" or col.min() < 0 or col.max() > hi):  # what a reader refuses
+                raise InputError(f"{name} must be integers in 0..{hi}")
         if n == 0:
             return
         blocks = self._blocks(k, v)  # the whole chunk, checked before any of it is written
