@@ -13,6 +13,7 @@ seed; ``make fuzz`` runs 10,000 in all with fresh randomness and prints the coun
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -39,6 +40,11 @@ FRESH = "KVMAP_FUZZ_EXAMPLES" in os.environ  # make fuzz: new randomness; the te
 CASE_SECONDS = 30  # a case running longer is a hang
 LAYOUT = KVLayout(n_layers=2, n_kv_heads=2, head_dim=8)
 STATS = {"cases": 0, "opened": 0, "refused": 0, "hangs": 0}
+REASONS: collections.Counter = collections.Counter()  # what the refusals said, roughly
+OTHERS: list[str] = []  # a few refusals of no listed kind, printed for a reader to judge
+REASON_WORDS = ("checksum mismatch", "symlink", "damaged manifest", "truncated or altered", "missing", "cannot read",
+                "does not record", "unexpected file", "differs from", "NaN or infinite", "format version",
+                "not a kvmap memory", "damaged index", "unknown to this kvmap", "made by model", "holds K/V of layout")
 
 HOSTILE_NAMES = ["", "../x", "/abs", "a\x00b", "..", ".", "0123456789abcdef", "0123456789ABCDEF", ".tmp-x",
                  "segments", "../../sentinel", "/etc/passwd", "k00.bin", "x" * 300, "é", "a/b"]
@@ -79,6 +85,9 @@ def world(tmp_path_factory):
     seconds = time.perf_counter() - start
     print(f"\nfuzz: {STATS['cases']} cases ({STATS['opened']} opened and used, {STATS['refused']} refused "
           f"with a one-line KVMapError), 0 tracebacks, {STATS['hangs']} hangs, {seconds:.0f} s", file=sys.stderr)
+    print("fuzz refusals: " + ", ".join(f"{n} {why}" for why, n in REASONS.most_common()), file=sys.stderr)
+    for msg in OTHERS:
+        print(f"fuzz other refusal: {msg}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +183,7 @@ def _crafted(kind: str, seg: Path, n: int, data) -> tuple[str, bytes]:
 def damage(path: Path, kind: str, sentinel: Path, data) -> None:
     """Apply one drawn damage to the memory at ``path``."""
     op = data.draw(st.sampled_from(["truncate", "flip", "append", "delete", "symlink", "json", "json", "name",
-                                    "crafted", "crafted", "dims"]), label="op")
+                                    "crafted", "crafted", "dims", "stray", "stray"]), label="op")
     files = [f for f in _files(path) if f.is_file() and not f.is_symlink()]
     anything = _files(path)
     if op in ("truncate", "flip", "append") and files:
@@ -231,6 +240,15 @@ def damage(path: Path, kind: str, sentinel: Path, data) -> None:
                 return
             with _tolerant():
                 rewrite(path, rec["name"], file, raw)
+    elif op == "stray" and (path / "segments").is_dir() and not (path / "segments").is_symlink():
+        # what killed writers leave (cleanup removes them) and what is not ours (cleanup keeps it)
+        name = data.draw(st.sampled_from([".tmp-0123abcd", "fedcba9876543210", "notes", "bounds-b8.npy"]))
+        stray = path / "segments" / name
+        if not os.path.lexists(stray):
+            stray.mkdir()
+            (stray / "k00.bin").write_bytes(b"\x00" * 8)
+        if data.draw(st.booleans()) and not os.path.lexists(path / ".manifest.json.0badcafe.tmp"):
+            (path / ".manifest.json.0badcafe.tmp").write_text("{")
     elif op == "dims":
         manifest = _manifest_safe(path)
         if manifest and _real(path, path / "manifest.json"):
@@ -317,10 +335,17 @@ def run_case(world, kind: str, data) -> None:
     try:
         use(path, verify, expect)
         STATS["opened"] += 1
+        left = os.listdir(path / "segments") if (path / "segments").is_dir() else []
+        assert not [n for n in left if n.startswith(".tmp-") and not (path / "segments" / n).is_symlink()], left
+        assert not os.path.lexists(path / ".manifest.json.0badcafe.tmp")
     except KVMapError as err:
         msg = str(err)
         assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
         STATS["refused"] += 1
+        why = next((w for w in REASON_WORDS if w in msg), "other")
+        REASONS[why] += 1
+        if why == "other" and len(OTHERS) < 3:
+            OTHERS.append(msg)
     except Hang:
         STATS["hangs"] += 1
         raise AssertionError(f"a case ran past {CASE_SECONDS} s") from None

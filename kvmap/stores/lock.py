@@ -96,15 +96,15 @@ def cleanup(root: Path) -> None:
     names kvmap gives (``.tmp-*`` and 16 hex digits), never through a symlink.
     """
     seg_dir = root / SEGMENTS
-    if not seg_dir.is_dir() or seg_dir.is_symlink():
-        return
     with lock(root) as state:
         if state != HELD:
             return
         named = {rec["name"] for rec in read_manifest(root)["segments"]}
-        with os.scandir(seg_dir) as entries:
-            stale = [e.path for e in entries if e.is_dir(follow_symlinks=False) and
-                     (e.name.startswith(TMP_PREFIX) or (SEGMENT_NAME.fullmatch(e.name) and e.name not in named))]
+        stale = []
+        if seg_dir.is_dir() and not seg_dir.is_symlink():
+            with os.scandir(seg_dir) as entries:
+                stale = [e.path for e in entries if e.is_dir(follow_symlinks=False) and
+                         (e.name.startswith(TMP_PREFIX) or (SEGMENT_NAME.fullmatch(e.name) and e.name not in named))]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         with os.scandir(root) as entries:
