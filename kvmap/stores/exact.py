@@ -54,7 +54,8 @@ class ExactIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k by inner product. queries (H, M, d) -> scores, ids (H, M, k), best first."""
-        assert self.keys is not None, "build() or load() first"
+        if self.keys is None:  # a programming error, not bad input: no assert (python -O strips it)
+            raise RuntimeError("ExactIndex.search before build() or load()")
         h, n, _ = self.keys.shape
         m = queries.shape[1]
         take = min(k, n)
