@@ -8,6 +8,7 @@ from kvmap.cli import checks
 from kvmap.cli.memory_commands import load
 from kvmap.cli.options import add_import_options, at_least, comma_ints, import_config, store_choices
 from kvmap.errors import KVMapError
+from kvmap.fileio import write_json_atomic
 
 
 def _print_passkey(results: list[dict]) -> None:
@@ -122,9 +123,7 @@ def cmd_bench_scale(args) -> int:
                               progress=not args.quiet)
     result["built_in_this_process"] = bool(build["parts_read"])  # then peak RSS includes the build
     result["corpus"] = args.corpus
-    tmp = out / "passkey-scale.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "passkey-scale.json")
+    write_json_atomic(out / "passkey-scale.json", result, indent=1)
     sp = result["speed"]
     print(f"passkey in {result['haystack_tokens']} tokens of {args.corpus}: kvmap {result['methods']['kvmap']['correct']}"
           f"/{result['trials']}, none {result['methods']['none']['correct']}/{result['trials']}; decode "

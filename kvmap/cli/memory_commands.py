@@ -8,6 +8,7 @@ from kvmap.cli import checks
 from kvmap.cli.options import (BLOCK_FLAGS, REUSE_FLAGS, TOKEN_FLAGS, add_block_options, add_field_option,
                                add_import_options, at_least, given, import_config, store_choices)
 from kvmap.errors import InputError, KVMapError
+from kvmap.fileio import disk_usage
 
 ASK_MODES = ("splice", "splice-attention", "import")
 """Kept equal to :data:`kvmap.answer.ASK_MODES` (a test checks), so ``kvmap --help`` needs no torch import."""
@@ -241,7 +242,7 @@ def cmd_info(args) -> int:
     from kvmap.stores import Memory
 
     memory = Memory.open(checks.memory_folder(args.dir, create=False, flag="memory"), verify=args.verify)
-    disk = sum(f.stat().st_size for f in memory.path.rglob("*") if f.is_file() and not f.is_symlink())
+    disk = disk_usage(memory.path)
     info = {"path": str(memory.path), "model": memory.model_id, "n_tokens": memory.n_tokens,
             "store": memory.store_kind, "layout": memory.layout.as_dict(), "disk_bytes": disk,
             "sources": memory.sources()}
