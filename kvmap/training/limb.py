@@ -153,9 +153,10 @@ def load_limb(path: Path | str = DEFAULT_CHECKPOINT) -> LimbPolicy:
         raise InputError(f"no limb policy at {path}; run `kvmap limb train` first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt.get("format") == CHECKPOINT_FORMAT
     except Exception:
-        raise InputError(f"{path} is not a limb policy checkpoint; run `kvmap limb train` to write one") from None
+        ckpt = None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:  # explicit: python -O strips asserts
+        raise InputError(f"{path} is not a limb policy checkpoint; run `kvmap limb train` to write one")
     policy = LimbPolicy(**ckpt["config"])
     policy.load_state_dict(ckpt["state_dict"])
     return policy.eval()
