@@ -1,4 +1,9 @@
-"""Compare a passkey rerun with the committed run, trial by trial: identical outputs, same scores."""
+"""Compare a passkey rerun with the committed run, trial by trial: identical outputs, same scores.
+
+    python docs/checks/compare_passkey.py [NEW.jsonl OLD.jsonl]
+
+Works on `kvmap eval passkey` predictions and on `kvmap bench scale` trials (methods kvmap, none).
+"""
 from __future__ import annotations
 
 import json
@@ -12,7 +17,7 @@ old = {row["trial"]: row for row in map(json.loads, old_path.read_text().splitli
 same = total = 0
 scores: dict[str, list[int]] = {}
 for row in map(json.loads, new_path.read_text().splitlines()):
-    for method in row["methods"]:
+    for method in row.get("methods") or [m for m in ("kvmap", "none") if m in row]:
         before, after = old[row["trial"]][method], row[method]
         total += 1
         same += before["output"] == after["output"]
