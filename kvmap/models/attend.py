@@ -58,6 +58,9 @@ class _PortState:
     blocks: dict = field(default_factory=dict)
     """Block retrieval: layer -> (keys, values), each (Hkv, M, d), the chosen blocks' tokens, already
     rotated to their placement (chosen at each prompt forward, kept while decoding)."""
+    checked_mask: list = field(default_factory=list)
+    """[mask, has padding] of the last attention mask checked: layers of one forward share the mask object,
+    so it is checked once per forward, not once per layer (shared by Gemma's per-layer views)."""
     unrotated_scale: float = 1.0
     """The rotary's ``attention_scaling`` m: rotated queries and keys each carry it, so memories scored
     un-rotated (fixed placement) need it once more to get the m**2 of real attention."""

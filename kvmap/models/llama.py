@@ -58,7 +58,7 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
     if state.imports(self.layer_idx):
         if b != 1:
             raise KVMapError("memory import runs one sequence at a time (batch size 1); loop over the batch")
-        if attention_mask is not None and getattr(self, "sliding_window", None) is None and _has_padding(attention_mask):
+        if attention_mask is not None and getattr(self, "sliding_window", None) is None and _padded(state, attention_mask):
             raise KVMapError("memory import does not take padded input (the attention mask hides some tokens); "
                              "pass the sequence without padding")
         out = memory_attention._attend_with_memory(self, state, q, q_rot, k_all, v_all)
@@ -68,6 +68,13 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
         out, _ = attend(self, q_rot, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(b, t, -1).contiguous()
     return self.o_proj(out), None
+
+
+def _padded(state: _PortState, mask: torch.Tensor) -> bool:
+    """:func:`_has_padding`, computed once per mask object (every layer of a forward gets the same one)."""
+    if not state.checked_mask or state.checked_mask[0] is not mask:
+        state.checked_mask[:] = [mask, _has_padding(mask)]
+    return state.checked_mask[1]
 
 
 def _has_padding(mask: torch.Tensor) -> bool:
