@@ -35,13 +35,14 @@ clean-venv:
 # about 4 hours on this 2-core CPU (passkey 16k/64k ~2 h, FairytaleQA 16k x 50 questions ~1 h 10 min,
 # niah and babi at 4k tokens x 10 examples ~30 min each). `make bench-full` is the whole grid the harness supports (n=50 per cell, lengths
 # to 128k): days on this CPU, hours on a workstation; run it where you have the cores.
+PASSKEY_METHODS := none,truncate,truncate-tail,full,kvmap,kvmap:distance=64,kvmap:distance=1024,kvmap-fixed
 KVMAP_METHODS := oracle,none,full,truncate,streaming,yarn:max_tokens=12000,rag-bm25,rag-embed,kvmap,kvmap-block,kvmap-splice,kvmap-splice-bm25
 FQA_SPLICE_VARIANTS := kvmap-splice-bm25:neighbours=1,kvmap-splice-bm25:n_blocks=16,kvmap-splice-bm25:n_blocks=4,kvmap-splice-bm25:block_size=128:n_blocks=4
 FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap,kvmap-fixed,kvmap-block,kvmap-block-fixed,kvmap-bm25,kvmap-splice,kvmap-splice-layerwise,kvmap-splice-bm25,kvmap-splice:n_blocks=16
 
 bench: $(STAMP)
-	$(BIN)/kvmap eval passkey --length 16000 --trials 20 --methods kvmap,kvmap:distance=64,kvmap:distance=1024,kvmap-fixed,truncate,full --out runs/passkey-16k
-	$(BIN)/kvmap eval passkey --length 64000 --trials 20 --methods kvmap,kvmap:distance=64,kvmap:distance=1024,kvmap-fixed,truncate,full --out runs/passkey-64k
+	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods $(PASSKEY_METHODS) --out runs/passkey-16k
+	$(BIN)/kvmap eval passkey --lengths 64k --limit 20 --methods $(PASSKEY_METHODS) --out runs/passkey-64k
 	$(BIN)/kvmap eval fairytaleqa --lengths 4k --limit 5 --methods oracle,none,full,truncate,streaming,yarn,rag-bm25,rag-embed,kvmap,kvmap-fixed,kvmap-block,kvmap-block-fixed,kvmap-bm25,kvmap-bm25:placement=fixed,kvmap-block:n_blocks=32,kvmap-block:neighbours=1,kvmap-splice-bm25,kvmap-splice,kvmap-splice-layerwise --out runs/fairytaleqa-4k-pilot
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods $(FQA_METHODS) --out runs/fairytaleqa-16k
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods $(FQA_SPLICE_VARIANTS) --out runs/fairytaleqa-16k
@@ -69,10 +70,10 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 # which layers passkey needs. About 5 h on this CPU.
 SCALE_DIR := $(HOME)/.cache/kvmap/scale
 bench-scale: $(STAMP)
-	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
-	$(BIN)/kvmap eval passkey-grid --lengths 100k --limit 3 --methods none,kvmap --out runs/scale/passkey
-	$(BIN)/kvmap eval passkey-grid --lengths 1k,10k --limit 10 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
-	$(BIN)/kvmap eval passkey-grid --lengths 100k --limit 3 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
+	$(BIN)/kvmap eval passkey --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
+	$(BIN)/kvmap eval passkey --lengths 100k --limit 3 --methods none,kvmap --out runs/scale/passkey
+	$(BIN)/kvmap eval passkey --lengths 1k,10k --limit 10 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
+	$(BIN)/kvmap eval passkey --lengths 100k --limit 3 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
 	$(BIN)/kvmap bench scale --tokens 1M --build-only
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse 64 --reuse-next-best 0 --out runs/scale/filler-1m-reuse64-next8
@@ -92,7 +93,7 @@ bench-full: $(STAMP)
 	  $(BIN)/kvmap eval niah --variant $$v --lengths 4k,16k,64k,128k --limit 50 --methods $(KVMAP_METHODS) --out runs/full/niah-$$v; done
 	for q in 1 2 3; do \
 	  $(BIN)/kvmap eval babi --qa $$q --lengths 4k,16k,64k --limit 50 --methods $(KVMAP_METHODS) --out runs/full/babi-qa$$q; done
-	$(BIN)/kvmap eval passkey-grid --lengths 4k,16k,64k,128k --limit 50 --methods $(KVMAP_METHODS) --out runs/full/passkey
+	$(BIN)/kvmap eval passkey --lengths 4k,16k,64k,128k --limit 50 --methods $(KVMAP_METHODS) --out runs/full/passkey
 	$(MAKE) report
 
 report: $(STAMP)

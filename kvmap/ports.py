@@ -217,6 +217,23 @@ class ImportTrace:
         return sorted(self.hits.items(), key=lambda kv: -kv[1])[:n]
 
 
+@dataclass
+class PortState:
+    """What every port's patched attention forwards read while the port is attached.
+
+    Ports extend it with what their attention needs (:class:`kvmap.models.attend.RetrievalState` for
+    causal LMs, which search the memory; :class:`kvmap.models.vit.PatchImportState` for ViTs, which
+    import a whole memory), so that these three fields mean the same thing everywhere.
+    """
+
+    recorder: Recorder | None = None
+    """Receives each layer's exported K/V while exporting; ``None`` otherwise."""
+    memory: object | None = None
+    """The memory imported from (a :class:`MemoryView`, or a ViT's tensor memory); ``None`` while exporting."""
+    trace: ImportTrace = field(default_factory=ImportTrace)
+    """What the import block retrieved, for provenance."""
+
+
 @contextlib.contextmanager
 def nothing() -> Iterator[None]:
     yield

@@ -65,9 +65,9 @@ def test_info_json_describes_a_memory(tiny_memory):
     assert [s["source"] for s in info["sources"]] == ["a.txt"]
 
 
-def test_unknown_passkey_method_is_a_one_line_error():
+def test_unknown_passkey_method_is_a_one_line_error(tmp_path):
     proc = run_cli("eval", "passkey", "--methods", "kvmap,magic", "--length", "100", "--trials", "1",
-                   "--model", "/nonexistent/checkpoint")
+                   "--model", "/nonexistent/checkpoint", "--out", str(tmp_path / "run"))
     assert_one_line_error(proc, "magic")
 
 
@@ -86,43 +86,6 @@ def test_info_refuses_a_truncated_key_file(tiny_memory):
 def test_forget_unknown_source_lists_the_known_ones(tiny_memory):
     proc = run_cli("forget", "b.txt", "--memory", str(tiny_memory))
     assert_one_line_error(proc, "a.txt")
-
-
-def test_report_builds_results_from_run_files(tmp_path):
-    import json
-
-    run = tmp_path / "runs" / "pk"
-    run.mkdir(parents=True)
-    result = {"task": "passkey", "model": "m", "length": 1000, "trials": 2, "settings": {"top_k": 16},
-              "methods": {"kvmap": {"accuracy": 1.0, "correct": 2, "n": 2, "ci95": [0.34, 1.0]},
-                          "full": {"accuracy": None, "n": 0, "skipped": "too long"}},
-              "speed": {"ingest_tok_s": 400.0, "plain_prefill_tok_s": 420.0, "decode_ms_memory": 90.0,
-                        "decode_ms_no_memory": 60.0}}
-    (run / "passkey.json").write_text(json.dumps([result]))
-    proc = run_cli("report", str(tmp_path / "runs"), "-o", str(tmp_path / "RESULTS.md"))
-    assert proc.returncode == 0, proc.stderr.decode()
-    text = (tmp_path / "RESULTS.md").read_text()
-    assert "| 1000 | kvmap | 100% | 2/2 |" in text and "1.50×" in text
-    from kvmap.eval.plots import PLOT_DIR
-
-    assert (tmp_path / PLOT_DIR / "results_passkey.png").stat().st_size > 1000
-
-
-def test_report_summarises_a_run_that_has_not_finished(tmp_path):
-    import json
-
-    run = tmp_path / "runs" / "pk"
-    run.mkdir(parents=True)
-    rows = [{"trial": i, "seed": 0, "length": 64000, "depth": i / 3, "passkey": 1, "context_tokens": 64000,
-             "methods": ["kvmap", "truncate"], "speed": {"decode_ms_memory": 300.0, "decode_ms_no_memory": 60.0},
-             "kvmap": {"output": "1", "correct": True}, "truncate": {"output": "2", "correct": i == 2}}
-            for i in range(3)]
-    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"trial": 3, "cut')
-    proc = run_cli("report", str(tmp_path / "runs"), "-o", str(tmp_path / "RESULTS.md"))
-    assert proc.returncode == 0, proc.stderr.decode()
-    text = (tmp_path / "RESULTS.md").read_text()
-    assert "| 64000 (partial, 3 trials so far) | kvmap | 100% | 3/3 |" in text
-    assert "| 64000 (partial, 3 trials so far) | truncate | 33% | 1/3 |" in text
 
 
 def test_bridge_eval_without_a_trained_adapter_is_a_one_line_error(tmp_path):

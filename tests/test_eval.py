@@ -24,14 +24,13 @@ def test_method_names_and_options():
             parse_method(bad)
 
 
-def test_passkey_methods_share_the_harness_parser():
-    from kvmap.eval.methods import KVMAP_PRESETS
-    from kvmap.eval.passkey import check_methods
+def test_method_lists_are_checked_before_anything_runs():
+    from kvmap.eval.methods import KVMAP_PRESETS, check_methods
     from kvmap.presets import SPLICE
 
-    check_methods(["kvmap", "kvmap-fixed", "kvmap:top_k=8:distance=64", "truncate", "full", "none"])
+    check_methods(["kvmap", "kvmap-fixed", "kvmap:top_k=8:distance=64", "truncate", "truncate-tail", "full", "none"])
     assert import_config("kvmap-fixed:top_k=8", import_config("kvmap:distance=64")).distance == 64
-    for bad in ([], ["nope"], ["truncate:x=1"], ["kvmap:colour=3"], ["kvmap:top_k=abc"], ["kvmap-block"]):
+    for bad in ([], ["nope"], ["truncate:x=1"], ["kvmap:colour=3"], ["kvmap:top_k=abc"], ["kvmap-block:reuse=4"]):
         with pytest.raises(InputError):
             check_methods(bad)
     with pytest.raises(InputError):

@@ -129,12 +129,12 @@ def test_ordered_placement_keeps_reading_order_behind_the_query():
                 outs[placement] = model(prompt).logits
     assert not torch.allclose(outs["fixed"], outs["ordered"])  # order now changes the scores
     # reference: every memory (k = all 12) placed at distance 20 + (11 - id), computed by hand for layer 0
-    from kvmap.models.attend import _PortState, _attend_with_memory
+    from kvmap.models.attend import RetrievalState, _attend_with_memory
 
     attn = port.attentions[0]
     q = torch.randn(1, 4, 1, 16)
     local_k, local_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
-    state = _PortState(memory=memory, config=ImportConfig.from_options(top_k=12, placement="ordered", distance=20),
+    state = RetrievalState(memory=memory, config=ImportConfig.from_options(top_k=12, placement="ordered", distance=20),
                        rotary=port.rotary)
     state.query_cos_sin[q.dtype] = cos_sin(port.rotary, torch.tensor(20), q)
     got = _attend_with_memory(attn, state, q, q, local_k, local_v)  # q_rot = q: local part at position 0

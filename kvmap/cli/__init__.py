@@ -3,8 +3,8 @@
 - :mod:`kvmap.cli.options`: option groups taken from the config dataclasses (defaults, help texts);
 - :mod:`kvmap.cli.checks`: what the memory commands check before a model loads;
 - :mod:`kvmap.cli.memory_commands`: remember, ask, forget, info;
-- :mod:`kvmap.cli.eval_commands`: eval, bench scale, report;
-- :mod:`kvmap.cli.model_commands`: limb, bridge, demo.
+- :mod:`kvmap.cli.model_commands`: limb, bridge, demo;
+- eval, bench scale and report come from :mod:`kvmap.eval.commands`, a plugin (:data:`COMMAND_PLUGINS`).
 
 Every error a user can cause ends in one line, ``kvmap: error: ...``, and exit code 1 (2 for argparse's
 usage errors); ``KVMAP_DEBUG=1`` shows the traceback instead.
@@ -14,19 +14,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import entry_points
 
-from kvmap.cli import eval_commands, memory_commands, model_commands
+from kvmap.cli import memory_commands, model_commands
 from kvmap.errors import KVMapError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMAND_PLUGINS", "build_parser", "main"]
+
+COMMAND_PLUGINS = "kvmap.commands"
+"""Entry-point group of ``add_parsers(subparsers)`` functions that add commands. kvmap's own measurement
+commands (eval, bench, report: :mod:`kvmap.eval.commands`) come in this way, declared in pyproject.toml,
+so that nothing outside ``kvmap.eval`` imports it; another package can add its commands the same way."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmap", description="Memory-mapped key/value memory for transformers.")
     sub = p.add_subparsers(dest="command", required=True)
     memory_commands.add_parsers(sub)
-    eval_commands.add_parsers(sub)
     model_commands.add_parsers(sub)
+    for plugin in sorted(entry_points(group=COMMAND_PLUGINS), key=lambda ep: ep.name):
+        plugin.load()(sub)
     return p
 
 

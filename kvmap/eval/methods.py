@@ -4,8 +4,9 @@ A method name is a base name with optional ``:KEY=VALUE`` options, e.g. ``kvmap:
 ``kvmap-block:n_blocks=16:neighbours=1``, ``rag-bm25:budget=2048``, ``streaming:window=4096``.
 
 - ``oracle``: only the gold passage in the prompt (the ceiling); ``none``: the question alone;
-- ``full``: the whole context (skipped where it does not fit the window); ``truncate``: its last
-  window of tokens; ``streaming``: StreamingLLM — the context streamed through the model with a
+- ``full``: the whole context (skipped where it does not fit the window); ``truncate``: the first
+  and the last half-window of context tokens (head + tail, the standard truncation: a story at the
+  start of the context survives); ``truncate-tail``: the last window of tokens only; ``streaming``: StreamingLLM — the context streamed through the model with a
   rolling window (kvmap's reader: 4 sinks + 512 previous tokens per chunk), answered from the
   prompt start (attention sinks) plus the last ``window`` tokens' K/V;
 - ``yarn``: full attention over the whole context, RoPE stretched by YaRN (transformers'
@@ -32,7 +33,7 @@ from kvmap.eval.tasks import Example
 from kvmap.ports import OPTION_NAMES, ImportConfig, parse_layers
 from kvmap.presets import SPLICE, TOKEN_IMPORT
 
-BASELINES = ("oracle", "none", "full", "truncate", "streaming", "yarn", "rag-bm25", "rag-embed")
+BASELINES = ("oracle", "none", "full", "truncate", "truncate-tail", "streaming", "yarn", "rag-bm25", "rag-embed")
 KVMAP_PRESETS = {
     "kvmap": TOKEN_IMPORT,
     "kvmap-fixed": {**TOKEN_IMPORT, "placement": "fixed"},
@@ -157,6 +158,8 @@ class GroupRunner:
         self._memory = None
         self.ingest: dict = {}
         self.context_ids = self.tok(examples[0].context, add_special_tokens=False)["input_ids"]
+        self.group_size = len(examples)
+        """How many questions share the context (and its ingest or prefill cost)."""
 
     # -- shared state -------------------------------------------------------------------------
 
@@ -193,8 +196,8 @@ class GroupRunner:
             return self._rag(base[4:], opts["budget"])
         if base == "full":
             return self._shared_context(self.context_ids, fits_window=True)
-        if base == "truncate":
-            return self._shared_context(self._budget_tail(), fits_window=True)
+        if base in ("truncate", "truncate-tail"):
+            return self._shared_context(self._truncated(head=base == "truncate"), fits_window=True)
         if base == "yarn":
             return self._yarn(opts["max_tokens"])
         if base == "streaming":
@@ -204,12 +207,16 @@ class GroupRunner:
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _generate(self, ids: list[int], cache=None, shared_s: float = 0.0, **extra) -> Generation:
-        """Greedy answer after ``cache``; ``seconds`` counts ``shared_s`` (a shared prefill) in."""
+    def _generate(self, ids: list[int], cache=None, **extra) -> Generation:
+        """Greedy answer after ``cache``; ``seconds`` is the answer latency, from the question on.
+
+        A context cost shared by the group (a prefill of the context) goes into ``extra["context_s"]``,
+        not into ``seconds``: the runner divides it over the group's questions, as it does kvmap's ingest.
+        """
         began = time.perf_counter()
         gen = greedy(self.model, self.tok, ids, self.max_new_tokens, cache)
         gen.text, gen.extra = gen.text.strip(), extra
-        gen.seconds = time.perf_counter() - began + shared_s
+        gen.seconds = time.perf_counter() - began
         return gen
 
     def _plain(self, ex: Example, context: str | None) -> Generation:
@@ -231,11 +238,19 @@ class GroupRunner:
             out.append(ans)
         return out
 
-    def _budget_tail(self) -> list[int]:
-        """The last context tokens that fit the window next to every question and the answer."""
+    def _truncated(self, head: bool) -> list[int]:
+        """The context cut to fit the window next to every question and the answer.
+
+        ``head``: the first and the last half of that budget (the whole context when it fits);
+        otherwise the last ``budget`` tokens only.
+        """
         parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
-        overhead = max(len(b) + len(a) for b, a in parts) + self.max_new_tokens
-        return self.context_ids[-(self.window - overhead):]
+        budget = self.window - max(len(b) + len(a) for b, a in parts) - self.max_new_tokens
+        if len(self.context_ids) <= budget:
+            return self.context_ids
+        if not head:
+            return self.context_ids[-budget:]
+        return self.context_ids[:budget // 2] + self.context_ids[-(budget - budget // 2):]
 
     def _shared_context(self, context_ids: list[int], fits_window: bool) -> list[Generation | str]:
         """Prefill [before, context] once, then answer each question from a copy of that cache."""
@@ -254,7 +269,7 @@ class GroupRunner:
             extra = cache.get_seq_length() - n
             if extra > 0:
                 cache.crop(-extra)  # drop the previous question and answer
-            out.append(self._generate(prompt_parts(self.tok, ex, True)[1], cache, shared_s,
+            out.append(self._generate(prompt_parts(self.tok, ex, True)[1], cache, context_s=shared_s,
                                       context_prefill_tok_s=n / shared_s))
         return out
 
@@ -286,7 +301,9 @@ class GroupRunner:
         before, after = prompt_parts(self.tok, ex, True)
         began = time.perf_counter()
         cache, _ = spliced_cache(self.port, self.memory(), before, ids)
-        return self._generate(after, cache, time.perf_counter() - began + chose_s)
+        answer = self._generate(after, cache)
+        answer.seconds = time.perf_counter() - began + chose_s  # choosing and splicing follow the question
+        return answer
 
     def _splice(self, config: ImportConfig, choice: str) -> list[Generation]:
         """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice."""

@@ -98,11 +98,16 @@ def _row(ex, method: str, answer, runner: GroupRunner) -> dict:
            "method": method, "question": ex.question, "answers": ex.answers, "meta": ex.meta}
     if isinstance(answer, str):
         return {**row, "skipped": answer}
-    row.update(output=answer.text, **score(ex.scorer, answer.text, ex.answers), seconds=answer.seconds,
-               decode_ms_per_token=answer.decode_ms_per_token, prompt_tokens=answer.prefill_tokens,
-               rss_mb=_rss_mb(), context_tokens=len(runner.context_ids), **answer.extra)
+    extra = dict(answer.extra)
+    context_s = extra.pop("context_s", 0.0)  # a prefill of the shared context
     if method.startswith(("kvmap", "streaming")) and runner.ingest:
         row["ingest"] = runner.ingest
+        # kvmap's context cost is its ingest; a read that reused cached chunks did not pay it in full
+        context_s = runner.ingest["seconds"] if runner.ingest.get("reused_tokens", 0) == 0 else None
+    row.update(output=answer.text, **score(ex.scorer, answer.text, ex.answers), answer_s=answer.seconds,
+               context_s_per_example=None if context_s is None else context_s / runner.group_size,
+               decode_ms_per_token=answer.decode_ms_per_token, prompt_tokens=answer.prefill_tokens,
+               rss_mb=_rss_mb(), context_tokens=len(runner.context_ids), **extra)
     return row
 
 
@@ -128,9 +133,15 @@ def summarize(rows: list[dict]) -> dict:
                 hits = int(sum(r["contains"] for r in ran))
                 cell["contains"] = hits / len(ran)
                 cell["contains_ci95"] = list(wilson(hits, len(ran)))
-            secs = [r["seconds"] for r in ran]
-            cell["latency_s_mean"] = sum(secs) / len(secs)
-            cell["latency_s_median"] = median(secs)
+            answer_s = [r["answer_s"] for r in ran if "answer_s" in r]
+            if answer_s:  # from the question on; the context's cost is the next column
+                cell["answer_s_median"] = median(answer_s)
+            context_s = [r["context_s_per_example"] for r in ran if r.get("context_s_per_example") is not None]
+            if context_s:  # ingest or prefill of the context, divided over the questions that share it
+                cell["context_s_per_example_median"] = median(context_s)
+            old = [r["seconds"] for r in ran if "seconds" in r]
+            if old:  # rows written before the two columns: shared prefills charged to every question
+                cell["latency_s_median"] = median(old)
             cell["decode_ms_per_token"] = median([r["decode_ms_per_token"] for r in ran])
             ingest = [r["ingest"]["ingest_tok_s"] for r in ran if "ingest_tok_s" in r.get("ingest", {})]
             if ingest:

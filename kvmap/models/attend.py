@@ -1,7 +1,7 @@
 """Attention over [memories, local K/V] in one softmax: what a causal LM port's attention forward calls.
 
 The three retrieval modes of :class:`kvmap.config.ImportConfig`, one path each, chosen when the port
-attaches (:attr:`_PortState.mode`):
+attaches (:attr:`RetrievalState.mode`):
 
 - ``tokens`` (the seed's method): each query head's pre-RoPE query, rotated so that memories stored at
   position 0 sit ``distance`` behind it, searches the memory's store; the top-k keys and values join the
@@ -18,7 +18,7 @@ prompt in the same import block gets its own choice.
 
 Rotary embeddings with ``attention_scaling`` m != 1 (YaRN, LongRoPE) scale both rotated queries and
 rotated keys by m, so real attention logits carry m**2. Memories stored un-rotated and scored by a
-rotated query carry only m: :attr:`_PortState.unrotated_scale` puts the missing m back (``fixed``
+rotated query carry only m: :attr:`RetrievalState.unrotated_scale` puts the missing m back (``fixed``
 placement and fixed blocks). Rope types whose frequencies depend on the sequence length (``dynamic``,
 ``longrope``) are refused when a port attaches: a query rotated to ``distance`` would use other
 frequencies than the local keys.
@@ -32,18 +32,15 @@ from torch import nn
 
 from kvmap.config import ImportConfig
 from kvmap.models import kernel
-from kvmap.ports import ImportTrace, Recorder
+from kvmap.ports import PortState
 from kvmap.rope import cos_sin, rotate
 
 
 @dataclass
-class _PortState:
-    """What the patched attention forwards read while a port is attached."""
+class RetrievalState(PortState):
+    """A causal LM port's attach state: the shared fields, the import settings, and what retrieval caches."""
 
-    recorder: Recorder | None = None
-    memory: object | None = None
     config: ImportConfig = field(default_factory=ImportConfig)
-    trace: ImportTrace = field(default_factory=ImportTrace)
     rotary: nn.Module | None = None
     age_cos_sin: dict = field(default_factory=dict)
     """(k, dtype) -> cos, sin of shape (k, head_dim) at positions 0, -1, ..., -(k-1) (ordered placement)."""
@@ -91,7 +88,7 @@ def _local_mask(t: int, s: int, window: int | None, device: torch.device) -> tor
     return mask
 
 
-def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_rot: torch.Tensor,
+def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor, q_rot: torch.Tensor,
                         k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
     """Attention over [top-k memories, local K/V] in one softmax.
 
@@ -166,7 +163,7 @@ def _attend_with_memory(attn: nn.Module, state: _PortState, q: torch.Tensor, q_r
     return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
 
 
-def _decode_among_candidates(state: _PortState, layer: int, q: torch.Tensor, q_rot: torch.Tensor,
+def _decode_among_candidates(state: RetrievalState, layer: int, q: torch.Tensor, q_rot: torch.Tensor,
                              k_all: torch.Tensor, v_all: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`_attend_with_memory` for one decoded token with reused candidates and ordered placement.
 
@@ -212,7 +209,7 @@ def _decode_among_candidates(state: _PortState, layer: int, q: torch.Tensor, q_r
     return out.reshape(1, 1, n_kv * r, d).to(dtype)  # (1, T, Hq, d)
 
 
-def _gather(state: _PortState, cand: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def _gather(state: RetrievalState, cand: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ids (Hkv, M, k), keys and values (Hkv, M, k, d) of candidates ``pick`` (Hkv, M, k), by flat
     ``index_select`` (several times cheaper on a CPU than advanced indexing)."""
@@ -224,7 +221,7 @@ def _gather(state: _PortState, cand: torch.Tensor, keys: torch.Tensor, values: t
             values.view(-1, d).index_select(0, rows).view(*shape, d))
 
 
-def _query_cos_sin(state: _PortState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_cos_sin(state: RetrievalState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (head_dim,) at position ``distance`` in ``dtype`` (computed once per dtype from the float32 pair)."""
     if dtype not in state.query_cos_sin:
         cos, sin = state.query_cos_sin[torch.float32]
@@ -232,14 +229,14 @@ def _query_cos_sin(state: _PortState, dtype: torch.dtype) -> tuple[torch.Tensor,
     return state.query_cos_sin[dtype]
 
 
-def _constant(state: _PortState, key, make) -> torch.Tensor:
+def _constant(state: RetrievalState, key, make) -> torch.Tensor:
     """A small tensor built once per attach (``make()``) and kept in ``state.rotations`` under ``key``."""
     if key not in state.rotations:
         state.rotations[key] = make()
     return state.rotations[key]
 
 
-def _rotation(state: _PortState, what, dtype: torch.dtype) -> torch.Tensor:
+def _rotation(state: RetrievalState, what, dtype: torch.dtype) -> torch.Tensor:
     """Cached RoPE rotations as matrices acting on row vectors (``x @ R`` equals :func:`rotate`).
 
     ``"query"``: (d, d), to position ``distance`` (pre-RoPE queries). ``("slots", k)``: (d, k*d), the
@@ -264,7 +261,7 @@ def _rotation(state: _PortState, what, dtype: torch.dtype) -> torch.Tensor:
     return state.rotations[key]
 
 
-def _retrieve(state: _PortState, layer: int, queries: torch.Tensor,
+def _retrieve(state: RetrievalState, layer: int, queries: torch.Tensor,
               t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]:
     """Top-k memory ids (Hkv, M, k) of each query (Hkv, M, d), their keys and values (Hkv, M, k, d),
     whether each query's ids come in reading order, and whether some ids may be -1 (padding).
@@ -300,7 +297,7 @@ def _retrieve(state: _PortState, layer: int, queries: torch.Tensor,
     return (*_gather(state, cand, keys, values, pick), True, padded)
 
 
-def _choose_blocks(state: _PortState, layer: int, q: torch.Tensor, like: torch.Tensor,
+def _choose_blocks(state: RetrievalState, layer: int, q: torch.Tensor, like: torch.Tensor,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick blocks for ``layer`` from these queries and return their tokens' K/V, placed.
 
@@ -352,7 +349,7 @@ def _choose_blocks(state: _PortState, layer: int, q: torch.Tensor, like: torch.T
     return mem_k, mem_v
 
 
-def _attend_with_blocks(attn: nn.Module, state: _PortState, q: torch.Tensor, qg: torch.Tensor,
+def _attend_with_blocks(attn: nn.Module, state: RetrievalState, q: torch.Tensor, qg: torch.Tensor,
                         local: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
     """Attention over [chosen blocks, local K/V]; blocks are chosen at the first forward and kept."""
     cfg, layer = state.config, attn.layer_idx

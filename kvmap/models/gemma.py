@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kvmap.errors import KVMapError
-from kvmap.models.llama import LlamaMemoryPort, _attention_forward, _PortState
+from kvmap.models.llama import LlamaMemoryPort, _attention_forward, RetrievalState
 from kvmap.rope import cos_sin
 
 
@@ -141,7 +141,7 @@ class Gemma3MemoryPort(LlamaMemoryPort):
         """The rotary that layer ``layer`` rotates its queries and keys with."""
         return self.rotaries[self.layer_types[layer]]
 
-    def _layer_state(self, state: _PortState, layer: int) -> _PortState:
+    def _layer_state(self, state: RetrievalState, layer: int) -> RetrievalState:
         """A view of ``state`` for one layer: its own rotary and query rotation, and its memory as its
         window lets it see. Recorder, config, trace and memory are shared, not copied."""
         rotary = self.layer_rotary(layer)

@@ -20,7 +20,7 @@ from torch import nn
 
 from kvmap.errors import KVMapError
 from kvmap.models import attend as memory_attention
-from kvmap.models.attend import _PortState
+from kvmap.models.attend import RetrievalState
 from kvmap.ports import CausalLMPort, ImportConfig, ImportTrace, KVLayout, Recorder, attached_forwards
 from kvmap.rope import cos_sin, rotate
 
@@ -35,7 +35,7 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
     from transformers.models.llama.modeling_llama import eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    state: _PortState = self._kvmap_state
+    state: RetrievalState = self._kvmap_state
     cache = cache if cache is not None else past_key_values
     b, t, _ = hidden_states.shape
     d = self.head_dim
@@ -70,7 +70,7 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
     return self.o_proj(out), None
 
 
-def _padded(state: _PortState, mask: torch.Tensor) -> bool:
+def _padded(state: RetrievalState, mask: torch.Tensor) -> bool:
     """:func:`_has_padding`, computed once per mask object (every layer of a forward gets the same one)."""
     if not state.checked_mask or state.checked_mask[0] is not mask:
         state.checked_mask[:] = [mask, _has_padding(mask)]
@@ -115,24 +115,24 @@ class LlamaMemoryPort(CausalLMPort):
         """The rotary module layer ``layer`` rotates with (the same for every layer in Llama-like models)."""
         return self.rotary
 
-    def _layer_state(self, state: _PortState, layer: int) -> _PortState:
+    def _layer_state(self, state: RetrievalState, layer: int) -> RetrievalState:
         """The state one layer's forward reads (shared by all layers here; Gemma 3 specialises it)."""
         return state
 
     @contextlib.contextmanager
-    def _attached(self, state: _PortState) -> Iterator[_PortState]:
+    def _attached(self, state: RetrievalState) -> Iterator[RetrievalState]:
         with attached_forwards(self.attentions, self._forward, lambda layer: self._layer_state(state, layer)):
             yield state
 
-    def exporting(self, recorder: Recorder) -> contextlib.AbstractContextManager[_PortState]:
-        return self._attached(_PortState(recorder=recorder, rotary=self.rotary))
+    def exporting(self, recorder: Recorder) -> contextlib.AbstractContextManager[RetrievalState]:
+        return self._attached(RetrievalState(recorder=recorder, rotary=self.rotary))
 
     def importing(self, memory, config: ImportConfig | None = None,
                   recorder: Recorder | None = None) -> contextlib.AbstractContextManager[ImportTrace]:
         config = config or ImportConfig()
         self.check_memory(memory)
         like = torch.zeros((), device=next(self.model.parameters()).device)  # float32: see attend._query_cos_sin
-        state = _PortState(recorder=recorder, memory=memory, config=config, rotary=self.rotary,
+        state = RetrievalState(recorder=recorder, memory=memory, config=config, rotary=self.rotary,
                            unrotated_scale=self._attention_scaling(like))
         state.query_cos_sin[torch.float32] = cos_sin(self.rotary, torch.tensor(config.distance), like)  # (d,)
         return _TraceContext(self._attached(state), state.trace)

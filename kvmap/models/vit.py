@@ -13,7 +13,7 @@ entry is attended to. Everything that depends on timm's attention internals live
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -21,18 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvmap.errors import KVMapError
-from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, Recorder, attached_forwards
+from kvmap.ports import ImportConfig, ImportTrace, KVLayout, MemoryPort, PortState, Recorder, attached_forwards
 
 
 @dataclass
-class _PortState:
-    """What the patched attention forwards read while a port is attached."""
+class PatchImportState(PortState):
+    """A ViT port's attach state: the shared fields and the layers that import."""
 
-    recorder: Recorder | None = None
-    memory: object | None = None
     layers: tuple[int, ...] | None = None
     """Layers that import; ``None`` means every layer the memory holds entries for."""
-    trace: ImportTrace = field(default_factory=ImportTrace)
 
     def memory_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The memory's (K, V) for ``layer``, each (B or 1, H, M, d), or ``None`` if it imports nothing."""
@@ -108,7 +105,7 @@ def _attention_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor
     -------
     (B, N, C) attention output after the projection, as timm returns it.
     """
-    state: _PortState = self._kvmap_state
+    state: PatchImportState = self._kvmap_state
     layer: int = self._kvmap_layer
     b, n, _ = x.shape
     gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -164,14 +161,14 @@ class ViTMemoryPort(MemoryPort):
         self.model_id = model_id
 
     @contextlib.contextmanager
-    def _attached(self, state: _PortState) -> Iterator[_PortState]:
+    def _attached(self, state: PatchImportState) -> Iterator[PatchImportState]:
         with attached_forwards(self.attentions, _attention_forward, lambda layer: state):
             yield state
 
     @contextlib.contextmanager
     def exporting(self, recorder: Recorder) -> Iterator[None]:
         """Within the block, each layer hands ``recorder(layer, k, v)`` its keys and values, (B, H, N, d)."""
-        with self._attached(_PortState(recorder=recorder)):
+        with self._attached(PatchImportState(recorder=recorder)):
             yield None
 
     @contextlib.contextmanager
@@ -193,7 +190,7 @@ class ViTMemoryPort(MemoryPort):
         """
         self.check_memory(memory)
         layers = config.layers if config is not None else None
-        state = _PortState(recorder=recorder, memory=memory, layers=layers)
+        state = PatchImportState(recorder=recorder, memory=memory, layers=layers)
         with self._attached(state):
             yield state.trace
 

@@ -29,7 +29,7 @@ import torch
 from kvmap.errors import InputError, MemoryFormatError
 from kvmap.fileio import write_json_atomic
 from kvmap.ports import KVLayout, MemoryEntry
-from kvmap.stores import scan
+from kvmap.stores import provenance, scan
 from kvmap.stores.base import STORE_KINDS, KVIndex, canonical_kind, make_index
 from kvmap.stores.folder import (  # noqa: F401  (re-exported: the format's names)
     DTYPES, FORMAT_VERSION, LOCK, MANIFEST, SEGMENTS, TMP_PREFIX, check_expected, check_folder, create_folder,
@@ -38,8 +38,6 @@ from kvmap.stores.folder import (  # noqa: F401  (re-exported: the format's name
 from kvmap.stores.lock import cleanup, write_lock
 from kvmap.stores.segment import Segment, as_numpy, open_segment, open_segments
 from kvmap.stores.writer import SegmentWriter
-
-_Segment = Segment  # the old private name
 
 
 class Memory:
@@ -144,12 +142,7 @@ class Memory:
 
     def sources(self) -> list[dict]:
         """One dict per source, in the order first remembered: source, n_tokens, n_docs."""
-        out: dict[str, dict] = {}
-        for seg in self._segments:
-            row = out.setdefault(seg.source, {"source": seg.source, "n_tokens": 0, "n_docs": 0})
-            row["n_tokens"] += seg.n_tokens
-            row["n_docs"] += seg.n_docs
-        return list(out.values())
+        return provenance.sources(self._segments)
 
     def __repr__(self) -> str:
         return (f"Memory({str(self.path)!r}, model={self.model_id!r}, store={self.store_kind!r}, "
@@ -268,21 +261,11 @@ class Memory:
 
     def search(self, layer: int, queries: torch.Tensor, k: int,
                segments: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k memories by inner product for every query.
-
-        Parameters
-        ----------
-        layer : attention layer
-        queries : (H, M, d) float32, H = ``layout.n_kv_heads``
-        k : results per query
-        segments : search only these segments (positions in the manifest); ``None``: all. A
-            sharded store gives each shard its own segments (:mod:`kvmap.stores.sharded`).
-
-        Returns
-        -------
-        scores : (H, M, k) float32, best first, ``-inf`` where fewer than k memories exist
-        ids : (H, M, k) int64 global memory ids, ``-1`` as padding
-        """
+        """Top-k memories by inner product for every query of ``layer``: queries (H, M, d) float32,
+        H = ``layout.n_kv_heads`` -> scores (H, M, k) float32, best first, ``-inf`` where fewer than k
+        memories exist, and ids (H, M, k) int64 global memory ids, ``-1`` as padding. ``segments``:
+        search only these (positions in the manifest; ``None``: all), as a sharded store gives each
+        shard its own (:mod:`kvmap.stores.sharded`)."""
         q, device = self._queries(layer, queries), queries.device
         H, m, k = q.shape[0], q.shape[1], max(int(k), 0)
         chosen = self._chosen(segments)
@@ -363,7 +346,7 @@ class Memory:
 
     def token_texts(self) -> list[str]:
         """The text of every memory token, in id (reading) order."""
-        return [t for seg in self._segments for t in seg.texts()]
+        return provenance.token_texts(self._segments)
 
     def block_means(self, layer: int, block_size: int) -> torch.Tensor:
         """Mean key of each block of ``block_size`` consecutive memory ids (the last may be shorter).
@@ -371,9 +354,7 @@ class Memory:
         Returns (H, n_blocks, d) float32 ((H, 0, d) for an empty memory), cached until the memory
         changes. These are the representative keys block retrieval scores (InfLLM-style).
         """
-        self._check_layer(layer)
-        if block_size <= 0:
-            raise InputError(f"block size must be positive, got {block_size}")
+        self._check_block(layer, block_size)
         key = (layer, block_size)
         if key not in self._block_means:
             self._block_means[key] = scan.block_means(self._segments, self.layout, layer, block_size)
@@ -388,9 +369,7 @@ class Memory:
         each block (n_blocks = 0 for an empty memory). All layers' bounds are loaded on first use
         and kept (2 / block_size of the keys).
         """
-        self._check_layer(layer)
-        if block_size <= 0:
-            raise InputError(f"block size must be positive, got {block_size}")
+        self._check_block(layer, block_size)
         if block_size not in self._bounds:
             self._bounds[block_size] = scan.block_bounds(self._segments, self._bases, self.layout, self.dtype,
                                                          block_size)
@@ -400,26 +379,21 @@ class Memory:
     def offsets(self, ids: torch.Tensor) -> torch.Tensor:
         """Token offset (int64) of each memory id, same shape; ``-1`` for id ``-1``."""
         if self._offsets is None:
-            parts = [seg.tokens()["offsets"] for seg in self._segments]
-            self._offsets = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            self._offsets = provenance.token_offsets(self._segments)
         flat = as_numpy(ids, "ids").astype(np.int64)
         self._locate(flat)  # range check
-        out = np.where(flat >= 0, self._offsets[np.clip(flat, 0, None)] if self.n_tokens else -1, -1)
-        return torch.from_numpy(np.asarray(out, dtype=np.int64)).reshape(ids.shape)
+        return provenance.offsets_of(self._offsets, flat).reshape(ids.shape)
 
     def entry(self, id: int, score: float = 0.0) -> MemoryEntry:
         """Provenance of memory ``id``: source, document, offset and text."""
-        id = int(id)
-        if not 0 <= id < self.n_tokens:
-            held = f"out of range 0..{self.n_tokens - 1}" if self.n_tokens else "not there: the memory is empty"
-            raise InputError(f"memory id {id} is {held}")
-        s = int(np.searchsorted(self._bases, id, side="right") - 1)
-        seg, local = self._segments[s], id - int(self._bases[s])
-        tokens = seg.tokens()
-        return MemoryEntry(source=seg.source, doc_id=int(tokens["doc_ids"][local]),
-                           offset=int(tokens["offsets"][local]), text=seg.texts()[local], score=float(score))
+        return provenance.entry(self._segments, self._bases, self.n_tokens, id, score)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.layout.n_layers:
             raise InputError(f"layer {layer} is out of range 0..{self.layout.n_layers - 1}")
+
+    def _check_block(self, layer: int, block_size: int) -> None:
+        self._check_layer(layer)
+        if block_size <= 0:
+            raise InputError(f"block size must be positive, got {block_size}")
 

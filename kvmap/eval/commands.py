@@ -1,54 +1,18 @@
-"""``kvmap eval``, ``kvmap bench scale`` and ``kvmap report``: measurements into run folders."""
+"""``kvmap eval``, ``kvmap bench scale`` and ``kvmap report``: measurements into run folders.
+
+The command line finds these commands through the ``kvmap.commands`` entry point that this package
+declares in pyproject.toml (:data:`kvmap.cli.COMMAND_PLUGINS`), so the command line's core and the
+library never import the experiments.
+"""
 from __future__ import annotations
 
 import json
-import os
 
 from kvmap.cli import checks
 from kvmap.cli.memory_commands import load
 from kvmap.cli.options import add_import_options, at_least, comma_ints, import_config, store_choices
 from kvmap.errors import KVMapError
 from kvmap.fileio import write_json_atomic
-
-
-def _print_passkey(results: list[dict]) -> None:
-    for r in results:
-        print(f"passkey, {r['length']} tokens, {r['trials']} trials, model {r['model']}")
-        for method, m in r["methods"].items():
-            if m["n"]:
-                print(f"  {method:11s} {m['accuracy']:6.1%}  ({m['correct']}/{m['n']}, 95% CI {m['ci95'][0]:.0%}-{m['ci95'][1]:.0%})")
-            else:
-                print(f"  {method:11s} skipped: {m['skipped']}")
-        for key, value in r["speed"].items():
-            print(f"  {key:24s} {value:8.1f}")
-
-
-def cmd_eval_passkey(args) -> int:
-    from kvmap.eval.passkey import check_methods, run_passkey
-    from kvmap.reader import ReaderConfig
-
-    methods = [m for m in args.methods.split(",") if m]
-    check_methods(methods)  # before the model loads
-    at_least("--trials", args.trials, 1)
-    config = import_config(args)
-    lm = load(args.model)
-    log = None
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        log = os.path.join(args.out, "predictions.jsonl")  # resumable: finished trials are skipped
-    results = [run_passkey(lm, length, args.trials, methods, config, ReaderConfig(),
-                           store=args.store, seed=args.seed, progress=not args.json, log_path=log,
-                           reuse_chunks=args.reuse_chunks)
-               for length in args.length]
-    summary = [{k: v for k, v in r.items() if k != "examples"} for r in results]
-    if args.out:
-        with open(os.path.join(args.out, "passkey.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        _print_passkey(results)
-    return 0
 
 
 def cmd_eval(args) -> int:
@@ -60,7 +24,7 @@ def cmd_eval(args) -> int:
     check_methods(methods)  # before the model loads
     at_least("--limit", args.limit, 1)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
-    task = "passkey" if args.task == "passkey-grid" else args.task
+    task = "passkey" if args.task == "passkey-grid" else args.task  # the old name still works
     options = {"passkey": {}, "niah": {"variant": getattr(args, "variant", None)},
                "fairytaleqa": {"data": getattr(args, "data", None), "split": getattr(args, "split", None),
                                "per_story": getattr(args, "per_story", None)},
@@ -84,7 +48,7 @@ def cmd_eval(args) -> int:
             if c["n"]:
                 extra = f", contains {c['contains']:.0%}" if "contains" in c else ""
                 print(f"    {method:24s} score {c['score']:6.1%}  (n={c['n']}, 95% CI {c['ci95'][0]:.0%}-{c['ci95'][1]:.0%}"
-                      f"{extra}, {c['latency_s_median']:.1f} s/question)")
+                      f"{extra}, {c.get('answer_s_median', c.get('latency_s_median', 0)):.1f} s/answer)")
             else:
                 print(f"    {method:24s} skipped: {c['skipped']}")
     return 0
@@ -146,31 +110,15 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _add_passkey(esub) -> None:
-    pk = esub.add_parser("passkey", help="passkey retrieval (Landmark Attention template)")
-    pk.add_argument("--length", type=comma_ints, default=[16000], help="context length(s) in tokens, e.g. 16000,64k")
-    pk.add_argument("--trials", type=int, default=20)
-    pk.add_argument("--methods", default="kvmap,truncate", help="comma list of kvmap,kvmap-fixed,truncate,full,none")
-    pk.add_argument("--model")
-    pk.add_argument("--store", default="exact", choices=store_choices())
-    pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--out", help="run folder: passkey.json (metrics) and predictions.jsonl (every trial; resumable)")
-    pk.add_argument("--json", action="store_true")
-    pk.add_argument("--no-reuse-chunks", dest="reuse_chunks", action="store_false",
-                    help="read every haystack from scratch (by default chunks with an identical token prefix "
-                         "are computed once; the memories are the same)")
-    add_import_options(pk)
-    pk.set_defaults(func=cmd_eval_passkey)
-
-
-def _add_generic(esub, name: str, help: str, lengths: str, methods: str = "oracle,none,truncate,rag-bm25,kvmap"):
+def _add_generic(esub, name: str, help: str, lengths: str, methods: str = "oracle,none,truncate,rag-bm25,kvmap",
+                 aliases: tuple[str, ...] = ()):
     from kvmap.eval.methods import METHODS
 
-    g = esub.add_parser(name, help=help)
+    g = esub.add_parser(name, help=help, aliases=list(aliases))
     g.add_argument("--methods", default=methods,
                    help=f"comma list of {','.join(METHODS)}; options as NAME:KEY=VALUE, e.g. kvmap:distance=64")
-    g.add_argument("--lengths", type=comma_ints, default=comma_ints(lengths), help=f"context lengths in tokens (default {lengths})")
-    g.add_argument("--limit", type=int, default=50, help="examples per length")
+    g.add_argument("--lengths", "--length", type=comma_ints, default=comma_ints(lengths), help=f"context lengths in tokens (default {lengths})")
+    g.add_argument("--limit", "--trials", type=int, default=50, help="examples per length")
     g.add_argument("--out", required=True, help="run folder (config.yaml, predictions.jsonl, metrics.json); resumable")
     g.add_argument("--model")
     g.add_argument("--store", default="exact", choices=store_choices())
@@ -184,7 +132,8 @@ def _add_generic(esub, name: str, help: str, lengths: str, methods: str = "oracl
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluation tasks")
     esub = e.add_subparsers(dest="task", required=True)
-    _add_passkey(esub)
+    _add_generic(esub, "passkey", "passkey retrieval (Landmark Attention template), every method on the same trials",
+                 "16k", methods="none,truncate,kvmap", aliases=("passkey-grid",))
     _add_generic(esub, "niah", "RULER-style needles in a haystack of tales", "4k,16k").add_argument(
         "--variant", choices=["single", "multikey", "multivalue", "multiquery"], default="single")
     fq = _add_generic(esub, "fairytaleqa", "FairytaleQA story + distractor tales, then a question", "0,4k,16k")
@@ -193,7 +142,6 @@ def _add_eval(sub) -> None:
     fq.add_argument("--per-story", type=int, help="questions per story (default 5)")
     _add_generic(esub, "babi", "bAbI facts spread through tales (BABILong style)", "4k,16k").add_argument(
         "--qa", type=int, choices=[1, 2, 3], default=1)
-    _add_generic(esub, "passkey-grid", "passkey through the generic runner (all baselines)", "16k")
 
 
 def _add_bench(sub) -> None:
@@ -221,6 +169,6 @@ def add_parsers(sub) -> None:
     _add_eval(sub)
     _add_bench(sub)
     rp = sub.add_parser("report", help="build RESULTS.md from run files")
-    rp.add_argument("runs", help="folder holding run folders (passkey.json, sweep.json)")
+    rp.add_argument("runs", help="folder holding run folders (config.yaml + predictions.jsonl, sweep.json, bridges/, scale/)")
     rp.add_argument("-o", "--output", default="RESULTS.md")
     rp.set_defaults(func=cmd_report)
