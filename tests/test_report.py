@@ -32,3 +32,51 @@ def test_report_builds_results_from_a_run_still_going(tmp_path):
     assert "| kvmap | 100.0% [44%–100%] n=3 |" in text
     assert "| truncate | 33.3% [6%–79%] n=3 |" in text
     assert "| 1000 | kvmap | 0.50 | 2.00 |" in text  # answer s, context s per example
+
+
+def report(tmp_path) -> str:
+    assert main(["report", str(tmp_path / "runs"), "-o", str(tmp_path / "RESULTS.md")]) == 0
+    return (tmp_path / "RESULTS.md").read_text()
+
+
+def test_ratios_are_over_the_examples_both_methods_have(tmp_path):
+    # the oracle has 4 examples, yarn only the first 2; yarn equals the oracle on those two
+    rows = [row(i, "oracle", [1.0, 1.0, 0.0, 0.0][i]) for i in range(4)]
+    rows += [row(i, "yarn", 1.0) for i in range(2)] + [row(i, "none", 0.0) for i in range(4)]
+    write_run(tmp_path / "runs" / "a", "passkey", rows, ["oracle", "yarn", "none"], [1000])
+    text = report(tmp_path)
+    assert "| yarn | 100% (n=2) |" in text  # not 1.0 / 0.5 = 200% over different examples
+    assert "⚠ oracle n=4" in text
+
+
+def test_a_cell_in_two_run_folders_is_an_error(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "a", "passkey", [row(0, "kvmap", 1.0)], ["kvmap"], [1000])
+    write_run(tmp_path / "runs" / "b", "passkey", [row(1, "kvmap", 0.0)], ["kvmap"], [1000])
+    assert main(["report", str(tmp_path / "runs"), "-o", str(tmp_path / "RESULTS.md")]) == 1
+    err = capsys.readouterr().err
+    assert "two run folders" in err and "kvmap at 1000" in err and len(err.strip().splitlines()) == 1
+
+
+def test_methods_listed_without_predictions_are_named(tmp_path):
+    write_run(tmp_path / "runs" / "a", "passkey", [row(0, "kvmap", 1.0)], ["kvmap", "kvmap-block"], [1000])
+    assert "kvmap-block at 1000 in `a`" in report(tmp_path)
+
+
+def test_paired_differences_resample_whole_clusters(tmp_path):
+    # two stories of three questions: kvmap beats none by 1 on story s0 and by 0 on s1
+    rows = [row(i, "kvmap", 1.0 if i < 3 else 0.5, group=f"s{i // 3}") for i in range(6)]
+    rows += [row(i, "none", 0.0 if i < 3 else 0.5, group=f"s{i // 3}") for i in range(6)]
+    write_run(tmp_path / "runs" / "a", "fairytaleqa", rows, ["none", "kvmap"], [1000])
+    text = report(tmp_path)
+    assert "| kvmap | +50.0 [+0.0, +100.0] (n=6, 2 clusters) | – |" in text
+
+
+def test_dev_and_test_parts_are_separate_sections(tmp_path):
+    write_run(tmp_path / "runs" / "dev", "passkey", [row(0, "kvmap", 1.0)], ["kvmap"], [1000])
+    write_run(tmp_path / "runs" / "test", "passkey", [row(5, "kvmap", 0.0)], ["kvmap"], [1000])
+    config = yaml.safe_load((tmp_path / "runs" / "test" / "config.yaml").read_text())
+    config["task_options"] = {"part": "test"}
+    (tmp_path / "runs" / "test" / "config.yaml").write_text(yaml.safe_dump(config))
+    text = report(tmp_path)
+    assert text.index("## passkey, test part") < text.index("## passkey, dev part")
+    assert "| kvmap | 0.0% [0%–79%] n=1 |" in text and "| kvmap | 100.0% [21%–100%] n=1 |" in text

@@ -30,6 +30,8 @@ def cmd_eval(args) -> int:
                                "per_story": getattr(args, "per_story", None)},
                "babi": {"qa": getattr(args, "qa", None)}}[task]
     options = {k: v for k, v in options.items() if v is not None}
+    if args.part == "test":  # a run without a part is dev (every run before the split was)
+        options["part"] = "test"
     if task == "fairytaleqa":  # a bad --data file fails here, before the model loads
         from kvmap.data import fairytaleqa
 
@@ -123,6 +125,8 @@ def _add_generic(esub, name: str, help: str, lengths: str, methods: str = "oracl
     g.add_argument("--model")
     g.add_argument("--store", default="exact", choices=store_choices())
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--part", choices=["dev", "test"], default="dev",
+                   help="dev: where variants and defaults are chosen (default); test: reported once, chosen on never")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_eval)

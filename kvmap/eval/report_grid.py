@@ -1,25 +1,55 @@
 """RESULTS.md sections for runs of the generic harness (``kvmap eval TASK --out DIR``).
 
-Every number comes from a run folder's ``metrics.json`` / ``predictions.jsonl``; nothing is typed.
-Per task: a score table (methods x lengths, 95% CIs, n), the share of the oracle each method keeps,
-a cost table, and plots (score vs length; NIAH depth x length heatmaps; latency vs context size).
+Every number comes from a run folder's ``predictions.jsonl``; nothing is typed. Per task (and variant)
+and per part of the data (``dev``, where variants are chosen, and ``test``, reported once; see
+:mod:`kvmap.eval.parts`): a score table (methods x lengths, 95% CIs, n, cells whose n differs from the
+oracle's flagged), the share of the oracle kept and of its gain over ``none`` recovered, both over the
+examples the methods share, a paired difference table against ``none`` and against the best RAG with
+story-clustered bootstrap intervals, a cost table, and plots. A cell found in two run folders is an
+error, not an overwrite.
 """
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from kvmap.errors import KVMapError
 from kvmap.eval.methods import BASELINES
+from kvmap.eval.parts import part_of_run
+from kvmap.eval.plots import plot_link
+from kvmap.eval.report_grid_plots import LENGTH_NAMES, SCORE_NAMES, section_plots
 from kvmap.eval.runfiles import read_jsonl
 from kvmap.eval.runner import summarize
-from kvmap.eval.plots import plot_link, plot_path, pyplot
+from kvmap.stats import paired_clustered_ci
 
-SCORE_NAMES = {"passkey": "accuracy", "niah": "share of needles recalled", "babi": "accuracy (answer in output)",
-               "fairytaleqa": "ROUGE-L F1"}
-LENGTH_NAMES = {"fairytaleqa": "distractor tokens after the story"}
+VARIANT_OPTIONS = ("variant", "qa")
+"""Task options that make another task (a NIAH variant, a bAbI task): each gets its own section."""
+RAGS = ("rag-bm25", "rag-embed")
+
+
+@dataclass
+class Section:
+    """One task (variant) on one part of the data: its cells and every scored row, from all its run folders."""
+
+    task: str
+    label: str
+    part: str
+    models: set = field(default_factory=set)
+    configs: list = field(default_factory=list)
+    cells: dict = field(default_factory=dict)
+    """(length, method) -> the cell :func:`kvmap.eval.runner.summarize` makes from its rows."""
+    owner: dict = field(default_factory=dict)
+    """(length, method) -> the run folder the cell comes from."""
+    rows: list = field(default_factory=list)
+    unrun: list = field(default_factory=list)
+    """``"method at length in folder"`` for what a run's config lists but has no prediction for."""
+
+    def scores(self, length: int, method: str) -> dict[str, tuple[float, str]]:
+        """Example id -> (score, cluster) of one cell; the cluster is the example's shared context (story)."""
+        return {r["id"]: (r["score"], r["group"]) for r in self.rows
+                if r["length"] == length and r["method"] == method and "score" in r}
 
 
 def _order(method: str) -> tuple:
@@ -27,36 +57,45 @@ def _order(method: str) -> tuple:
     return (0, BASELINES.index(base), method) if base in BASELINES else (1, base, method)
 
 
-def _load(folders: list[Path]) -> dict[str, dict]:
-    """task -> {"cells": {(length, method): cell}, "rows": [...], "model": ..., "config": [...]}"""
-    tasks: dict[str, dict] = {}
+def _label(config: dict) -> str:
+    options = config.get("task_options") or {}
+    variant = ", ".join(f"{k} {options[k]}" for k in VARIANT_OPTIONS if k in options)
+    return f"{config['task']} ({variant})" if variant else config["task"]
+
+
+def load_sections(folders: list[Path]) -> list[Section]:
+    """Every run folder's rows, grouped by task (variant) and part; KVMapError for a cell in two folders."""
+    sections: dict[tuple[str, str], Section] = {}
     for folder in folders:
-        # always from the predictions (metrics.json is rebuilt from them, and a run still going has none yet)
         config = yaml.safe_load((folder / "config.yaml").read_text())
-        m = {"task": config["task"], "model": config["model"], "config": config,
-             "metrics": summarize(read_jsonl(folder / "predictions.jsonl"))}
-        t = tasks.setdefault(m["task"], {"cells": {}, "rows": [], "models": set(), "configs": []})
-        t["models"].add(m["model"])
-        t["configs"].append((folder.name, m["config"]))
-        for length, cells in m["metrics"].items():
+        rows = read_jsonl(folder / "predictions.jsonl")
+        part = part_of_run(config)
+        key = (_label(config), part)
+        section = sections.setdefault(key, Section(config["task"], key[0], part))
+        section.models.add(config["model"])
+        section.configs.append((folder.name, config))
+        for length, cells in summarize(rows).items():
             for method, cell in cells.items():
-                t["cells"][(int(length), method)] = cell
-        pred = folder / "predictions.jsonl"
-        if pred.exists():
-            for line in pred.read_text().splitlines():
-                try:
-                    t["rows"].append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return tasks
+                where = (int(length), method)
+                if where in section.owner:
+                    raise KVMapError(f"{section.label} ({part}): {method} at {length} tokens is in two run folders, "
+                                     f"{section.owner[where]} and {folder}; keep one (move the other out of the runs folder)")
+                section.cells[where], section.owner[where] = cell, folder
+        section.rows += [r for r in rows if "score" in r]
+        have = {(r["length"], r["method"]) for r in rows}
+        section.unrun += [f"{m} at {x} in `{folder.name}`" for x in config["lengths"] for m in config["methods"]
+                          if (x, m) not in have]
+    return sorted(sections.values(), key=lambda s: (s.label, s.part != "test"))
 
 
-def _cell(c: dict | None) -> str:
+def _fmt_cell(c: dict | None, oracle_n: int | None) -> str:
     if c is None:
         return "–"
     if not c.get("n"):
         return "skipped"
     text = f"{c['score']:.1%} [{c['ci95'][0]:.0%}–{c['ci95'][1]:.0%}] n={c['n']}"
+    if oracle_n is not None and c["n"] != oracle_n:
+        text += f" ⚠ oracle n={oracle_n}"
     if "contains" in c:
         text += f"; contains {c['contains']:.0%}"
     if "retrieved_answer" in c:
@@ -64,131 +103,129 @@ def _cell(c: dict | None) -> str:
     return text
 
 
-def grid_sections(folders: list[Path], out_dir: Path) -> list[str]:
-    """One section per task of the generic harness's runs: scores, shares of the oracle, cost, plots."""
-    lines: list[str] = []
-    for task, t in sorted(_load(folders).items()):
-        cells = t["cells"]
-        lengths = sorted({length for length, _ in cells})
-        methods = sorted({m for _, m in cells}, key=_order)
-        lines += [f"## {task}", "",
-                  f"Model `{', '.join(sorted(t['models']))}`; score: {SCORE_NAMES.get(task, 'score')}; "
-                  f"columns: {LENGTH_NAMES.get(task, 'context tokens')}. Cells: mean [95% CI] n "
-                  "(Wilson for 0/1 scores, bootstrap otherwise). Runs: " +
-                  "; ".join(f"`{name}` ({', '.join(f'{k}={v}' for k, v in cfg.items() if k in ('limit', 'seed', 'store', 'max_new_tokens', 'task_options'))})"
-                            for name, cfg in t["configs"]) + ".", "",
-                  "| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
-        for method in methods:
-            lines.append(f"| {method} | " + " | ".join(_cell(cells.get((x, method))) for x in lengths) + " |")
-        skipped = {(x, m): c["skipped"] for (x, m), c in cells.items() if not c.get("n")}
-        if skipped:
-            lines += ["", "Skipped: " + "; ".join(f"{m} at {x}: {why}" for (x, m), why in sorted(skipped.items())) + "."]
-        # How much of the ceiling each method keeps, and the gain over truncation.
-        lines += ["", "Share of `oracle` kept (method score / oracle score, same examples):", "",
-                  "| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
-        for method in methods:
-            row = []
-            for x in lengths:
-                c, o = cells.get((x, method)), cells.get((x, "oracle"))
-                row.append(f"{c['score'] / o['score']:.0%}" if c and o and c.get("n") and o.get("n") and o["score"] else "–")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-        lines += ["", "Share of the oracle's gain over `none` recovered ((method − none) / (oracle − none); "
-                  "a score floor that needs no context, such as ROUGE on words copied from the question, cancels out):", "",
-                  "| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
-        for method in methods:
-            row = []
-            for x in lengths:
-                c, o, z = cells.get((x, method)), cells.get((x, "oracle")), cells.get((x, "none"))
-                ok = all(v and v.get("n") for v in (c, o, z)) and o["score"] != z["score"]
-                row.append(f"{(c['score'] - z['score']) / (o['score'] - z['score']):.0%}" if ok else "–")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-        lines += ["", "Cost (medians; this 2-core CPU). *answer s*: from the question to the last answer token "
-                  "(per-question retrieval, block choice and splicing included); *context s/example*: the cost of "
-                  "the context itself (kvmap's ingest, a baseline's prefill of the context), divided over the "
-                  "questions that share it, for every method alike; *old s/question*: rows written before the two "
-                  "columns, shared prefill charged to every question:", "",
-                  "| length | method | answer s | context s/example | old s/question | decode ms/token | "
-                  "ingest tok/s | peak RSS MB | disk bytes/token |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for x in lengths:
-            for method in methods:
-                c = cells.get((x, method))
-                if c and c.get("n"):
-                    num = lambda key, fmt: format(c[key], fmt) if key in c else ""  # noqa: E731
-                    lines.append(f"| {x} | {method} | {num('answer_s_median', '.2f')} | "
-                                 f"{num('context_s_per_example_median', '.2f')} | {num('latency_s_median', '.1f')} | "
-                                 f"{c['decode_ms_per_token']:.0f} | {num('ingest_tok_s', '.0f')} | "
-                                 f"{c['peak_rss_mb']:.0f} | {num('disk_bytes_per_token', '.0f')} |")
-        lines.append("")
-        plots = _plots(task, t, lengths, methods, out_dir)
-        lines += [f"![{name}]({plot_link(out_dir, path)})" for name, path in plots] + [""]
+def _shared(*cells: dict[str, tuple[float, str]]) -> list[str]:
+    """The example ids every cell has, in a stable order."""
+    ids = set(cells[0])
+    for c in cells[1:]:
+        ids &= set(c)
+    return sorted(ids)
+
+
+def _ratio_row(section: Section, method: str, lengths: list[int], gain: bool) -> str:
+    out = []
+    for x in lengths:
+        m, o = section.scores(x, method), section.scores(x, "oracle")
+        z = section.scores(x, "none") if gain else {}
+        ids = _shared(m, o, z) if gain else _shared(m, o)
+        mean = lambda cell: sum(cell[i][0] for i in ids) / len(ids)  # noqa: E731
+        if not ids:
+            out.append("–")
+            continue
+        floor = mean(z) if gain else 0.0
+        top = mean(o) - floor
+        out.append(f"{(mean(m) - floor) / top:.0%} (n={len(ids)})" if top else "–")
+    return f"| {method} | " + " | ".join(out) + " |"
+
+
+def _best_rag(section: Section, length: int) -> str | None:
+    """The RAG baseline with the highest score at ``length`` (the strongest text retrieval this run has)."""
+    present = [(section.cells[(length, r)]["score"], r) for r in RAGS
+               if section.cells.get((length, r), {}).get("n")]
+    return max(present)[1] if present else None
+
+
+def _diff(section: Section, length: int, method: str, reference: str | None) -> str:
+    if reference is None or method == reference:
+        return "–"
+    a, b = section.scores(length, method), section.scores(length, reference)
+    ids = _shared(a, b)
+    if not ids:
+        return "–"
+    mean, lo, hi = paired_clustered_ci([a[i][0] - b[i][0] for i in ids], [a[i][1] for i in ids])
+    clusters = len({a[i][1] for i in ids})
+    if clusters < 2:
+        return f"{100 * mean:+.1f} (n={len(ids)}, one cluster: no interval)"
+    return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={len(ids)}, {clusters} clusters)"
+
+
+def _score_table(section: Section, lengths: list[int], methods: list[str]) -> list[str]:
+    lines = ["| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(
+            _fmt_cell(section.cells.get((x, method)), section.cells.get((x, "oracle"), {}).get("n"))
+            for x in lengths) + " |")
     return lines
 
 
-def _plots(task: str, t: dict, lengths: list[int], methods: list[str], out_dir: Path) -> list[tuple[str, Path]]:
-    plt = pyplot()
-    out = []
-    cells, rows = t["cells"], t["rows"]
-    if len(lengths) > 1:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+def _paired_tables(section: Section, lengths: list[int], methods: list[str]) -> list[str]:
+    lines = ["", "Paired differences, in points of the score (method − reference over the examples both have, "
+             "same run; 95% percentile bootstrap over clusters: a story with its questions, or one haystack):", ""]
+    for x in lengths:
+        rag = _best_rag(section, x)
+        lines += [f"{x} tokens; best RAG here: {f'`{rag}`' if rag else 'no RAG in these runs'}", "",
+                  "| method | − none | − best RAG |", "|---|---|---|"]
         for method in methods:
-            pts = [(x, cells[(x, method)]["score"]) for x in lengths if cells.get((x, method), {}).get("n")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set_xscale("symlog", linthresh=1000)
-        out.append(_save(fig, ax, LENGTH_NAMES.get(task, "context tokens"), SCORE_NAMES.get(task, "score"),
-                         f"{task}: score vs length", plot_path(out_dir, f"results_{task}_length.png")))
-    if task in ("niah", "passkey") and rows:
-        shown = [m for m in methods if any(r["method"] == m and "score" in r for r in rows)]
-        bins = 5
-        fig, axes = plt.subplots(1, len(shown), figsize=(1.6 * len(shown) + 1, 2.6), squeeze=False)
-        for ax, method in zip(axes[0], shown):
-            grid = defaultdict(list)
-            for r in rows:
-                if r["method"] == method and "score" in r and r.get("depth") is not None:
-                    grid[(lengths.index(r["length"]) if r["length"] in lengths else 0,
-                          min(bins - 1, int(r["depth"] * bins)))].append(r["score"])
-            import numpy as np
+            if method in ("none", "oracle") or not section.cells.get((x, method), {}).get("n"):
+                continue
+            lines.append(f"| {method} | {_diff(section, x, method, 'none')} | {_diff(section, x, method, rag)} |")
+        lines.append("")
+    return lines
 
-            img = np.full((bins, len(lengths)), np.nan)
-            for (li, di), v in grid.items():
-                img[di, li] = sum(v) / len(v)
-            ax.imshow(img, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-            ax.set_title(method, fontsize=6)
-            ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=5, rotation=90)
-            ax.set_yticks(range(bins), [f"{i / bins:.0%}" for i in range(bins)], fontsize=5)
-        axes[0][0].set_ylabel("needle depth")
-        fig.tight_layout()
-        path = plot_path(out_dir, f"results_{task}_heatmap.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append((f"{task} depth x length heatmap", path))
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        by = defaultdict(list)
-        for r in rows:
-            seconds = r.get("answer_s", r.get("seconds"))
-            if seconds is not None:
-                by[r["method"]].append((r["context_tokens"], seconds))
+
+def _cost_table(section: Section, lengths: list[int], methods: list[str]) -> list[str]:
+    lines = ["Cost (medians; this 2-core CPU). *answer s*: from the question to the last answer token "
+             "(per-question retrieval, block choice and splicing included); *context s/example*: the cost of "
+             "the context itself (kvmap's ingest, a baseline's prefill of the context), divided over the "
+             "questions that share it, for every method alike (empty where a read reused cached chunks); "
+             "*old s/question*: rows written before the two columns, shared prefill charged to every question:", "",
+             "| length | method | answer s | context s/example | old s/question | decode ms/token | "
+             "ingest tok/s | peak RSS MB | disk bytes/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in lengths:
         for method in methods:
-            if by.get(method):
-                ax.scatter(*zip(*by[method]), s=8, label=method)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        out.append(_save(fig, ax, "context / memory size (tokens)", "answer seconds per question",
-                         f"{task}: latency vs memory size", plot_path(out_dir, f"results_{task}_latency.png")))
-    return out
+            c = section.cells.get((x, method))
+            if c and c.get("n"):
+                num = lambda key, fmt: format(c[key], fmt) if key in c else ""  # noqa: E731
+                lines.append(f"| {x} | {method} | {num('answer_s_median', '.2f')} | "
+                             f"{num('context_s_per_example_median', '.2f')} | {num('latency_s_median', '.1f')} | "
+                             f"{c['decode_ms_per_token']:.0f} | {num('ingest_tok_s', '.0f')} | "
+                             f"{c['peak_rss_mb']:.0f} | {num('disk_bytes_per_token', '.0f')} |")
+    return lines + [""]
 
 
-def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> tuple[str, Path]:
-    """Label, legend, save and close a line/scatter plot; returns (title, path) for the markdown."""
-    plt = pyplot()
+def _header(section: Section) -> list[str]:
+    runs = "; ".join(f"`{name}` ({', '.join(f'{k}={v}' for k, v in cfg.items() if k in ('limit', 'seed', 'store', 'max_new_tokens', 'task_options'))})"
+                     for name, cfg in section.configs)
+    lines = [f"## {section.label}, {section.part} part", "",
+             f"Model `{', '.join(sorted(section.models))}`; score: {SCORE_NAMES.get(section.task, 'score')}; "
+             f"columns: {LENGTH_NAMES.get(section.task, 'context tokens')}; data: the **{section.part}** part "
+             f"({'variants and defaults were chosen here' if section.part == 'dev' else 'reported once, nothing chosen on it'}). "
+             "Cells: mean [95% CI] n (Wilson for 0/1 scores, bootstrap otherwise); ⚠ marks a cell whose n differs "
+             f"from the oracle's. Runs: {runs}.", ""]
+    return lines
 
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return title, path
+
+def grid_sections(folders: list[Path], out_dir: Path) -> list[str]:
+    """One section per task (variant) and part of the harness's runs: scores, shares, paired differences, cost, plots."""
+    lines: list[str] = []
+    for section in load_sections(folders):
+        lengths = sorted({x for x, _ in section.cells})
+        methods = sorted({m for _, m in section.cells}, key=_order)
+        lines += _header(section) + _score_table(section, lengths, methods)
+        skipped = {(x, m): c["skipped"] for (x, m), c in section.cells.items() if not c.get("n")}
+        if skipped:
+            lines += ["", "Skipped: " + "; ".join(f"{m} at {x}: {why}" for (x, m), why in sorted(skipped.items())) + "."]
+        if section.unrun:
+            lines += ["", "Listed in a run's config but with no predictions (not run yet): "
+                      + "; ".join(section.unrun) + "."]
+        lines += ["", "Share of `oracle` kept (method mean / oracle mean over the examples both have):", "",
+                  "| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [_ratio_row(section, m, lengths, gain=False) for m in methods]
+        lines += ["", "Share of the oracle's gain over `none` recovered ((method − none) / (oracle − none) over the "
+                  "examples all three have; a score floor that needs no context cancels out):", "",
+                  "| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [_ratio_row(section, m, lengths, gain=True) for m in methods]
+        lines += _paired_tables(section, lengths, methods) + _cost_table(section, lengths, methods)
+        plots = section_plots(section, lengths, methods, out_dir)
+        lines += [f"![{name}]({plot_link(out_dir, path)})" for name, path in plots] + [""]
+    return lines
+

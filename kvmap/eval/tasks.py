@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from kvmap.errors import InputError
+from kvmap.eval import parts
 from kvmap.eval.passkey import depths, make_example
 
 TASKS = ("passkey", "niah", "fairytaleqa", "babi")
+TEST_SEED_BASE = 10**9
+"""Added to a passkey trial's seed in the test part (the dev part keeps the seeds it always had)."""
 
 
 @dataclass
@@ -102,13 +105,15 @@ def _insert(sentences: list[str], items: list[str], depths: list[float]) -> list
 # The tasks.
 
 
-def passkey_examples(tokenizer, length: int, n: int, seed: int = 0) -> list[Example]:
+def passkey_examples(tokenizer, length: int, n: int, seed: int = 0, part: str = "dev") -> list[Example]:
     """Landmark-Attention passkey at ``length`` tokens, depths spread over 0..1."""
     out = []
+    test = parts.check_part(part) == "test"
     for i, depth in enumerate(depths(n)):
-        ex = make_example(tokenizer, length, depth, seed=seed * 100003 + i)
+        ex = make_example(tokenizer, length, depth, seed=seed * 100003 + i + (TEST_SEED_BASE if test else 0))
         info = f"The pass key is {ex.passkey}. Remember it. {ex.passkey} is the pass key."
-        eid = f"passkey-{length}-{seed}-{n}-{i}"  # n in the id: depths are spread over n trials
+        # n in the id: depths are spread over n trials
+        eid = f"passkey-{'test-' if test else ''}{length}-{seed}-{n}-{i}"
         out.append(Example("passkey", eid, eid, length,
                            ex.context, ex.question, [str(ex.passkey)], gold=ex.instruction + "\n" + info,
                            instruction=ex.instruction, style="completion", scorer="passkey", depth=depth))
@@ -122,7 +127,8 @@ _NIAH_NOUNS = ("anchor", "badger", "candle", "dragon", "ember", "falcon", "garde
 NIAH_VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 
 
-def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = "single") -> list[Example]:
+def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = "single",
+                  part: str = "dev") -> list[Example]:
     """RULER-style needles ("One of the special magic numbers for {key} is: {value}.") in tales.
 
     ``single``: one needle; ``multikey``: 4 needles with different keys, one asked;
@@ -135,8 +141,9 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
         raise InputError(f"unknown niah variant '{variant}'; choose from {', '.join(NIAH_VARIANTS)}")
     t = niah_template()
     out = []
+    stream = parts.stream(seed, part)
     for i, depth in enumerate(depths(n)):
-        rng = random.Random(f"niah-{variant}-{length}-{seed}-{i}")
+        rng = random.Random(f"niah-{variant}-{length}-{stream}-{i}")
         keys = [f"{a}-{b}" for a, b in zip(rng.sample(_NIAH_WORDS, 4), rng.sample(_NIAH_NOUNS, 4))]
         values = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(4)]
         if variant == "single":
@@ -158,7 +165,7 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
         answer_prefix = t["answer_prefix"].format(type_needle_v="numbers", query=query)
         answers = [v for k, v in pairs if k in asked]
         gold = intro + "\n" + " ".join(s for s, (k, _) in zip(needles, pairs) if k in asked)
-        eid = f"niah-{variant}-{length}-{seed}-{n}-{i}"  # n in the id: depths are spread over n examples
+        eid = f"niah-{variant}-{length}-{stream}-{n}-{i}"  # n in the id: depths are spread over n examples
         out.append(Example("niah", eid, eid, length, context, question + answer_prefix, answers, gold,
                            instruction=intro, style="completion",
                            scorer="all", depth=depth, meta={"variant": variant}))
@@ -166,16 +173,19 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
 
 
 def fairytaleqa_examples(tokenizer, distractor_tokens: int, n: int, seed: int = 0, split: str = "val",
-                         data=None, per_story: int = 5) -> list[Example]:
+                         data=None, per_story: int = 5, part: str = "dev") -> list[Example]:
     """FairytaleQA: a story, then ``distractor_tokens`` tokens of other tales, then a question.
 
     Questions are explicit ones (the answer is stated in the text), ``per_story`` per story from
     stories taken in a seeded order until ``n`` questions; the gold passage is the answer's
-    section(s). Distractor tales never contain the story itself (overlap table).
+    section(s). Distractor tales never contain the story itself (overlap table). On the shipped val
+    split only the stories of ``part`` are used (:mod:`kvmap.eval.parts`); another file or split is
+    used whole, and its part is its own.
     """
     from kvmap.data import fairytaleqa, fairytaleqa_overlap
 
     stories = fairytaleqa(split, path=data)
+    in_part = (lambda story: parts.story_in_part(story, part)) if data is None and split == "val" else None
     overlap = fairytaleqa_overlap()
     rng = random.Random(f"fairytaleqa-{seed}")
     order = list(range(len(stories)))
@@ -185,6 +195,8 @@ def fairytaleqa_examples(tokenizer, distractor_tokens: int, n: int, seed: int = 
         if len(out) >= n:
             break
         story = stories[si]
+        if in_part is not None and not in_part(story["story"]):
+            continue  # skipped after the shuffle, so each part keeps the seed's story order
         sections = {int(s["section"]): s["text"] for s in story["sections"]}
         text = "\n\n".join(sections[k] for k in sorted(sections))
         questions = [q for q in story["questions"] if str(q.get("ex_or_im1", "")).startswith("explicit")]
@@ -209,7 +221,7 @@ def fairytaleqa_examples(tokenizer, distractor_tokens: int, n: int, seed: int = 
     return out
 
 
-def babi_examples(tokenizer, length: int, n: int, seed: int = 0, qa: int = 1) -> list[Example]:
+def babi_examples(tokenizer, length: int, n: int, seed: int = 0, qa: int = 1, part: str = "dev") -> list[Example]:
     """bAbI qa1–qa3 facts spread (in order) between tale sentences, BABILong style."""
     from kvmap.data import babi, babilong_prompts
 
@@ -217,18 +229,20 @@ def babi_examples(tokenizer, length: int, n: int, seed: int = 0, qa: int = 1) ->
         raise InputError(f"babi task qa{qa} is not included; choose 1, 2 or 3")
     samples = babi(qa, "test")
     prompts = babilong_prompts()["DEFAULT_PROMPTS"][f"qa{qa}"]
-    rng = random.Random(f"babi-{qa}-{seed}")
-    picks = rng.sample(range(len(samples)), min(n, len(samples)))
+    stream = parts.stream(seed, part)
+    rng = random.Random(f"babi-{qa}-{stream}")
+    pool = range(len(samples)) if part == "dev" else parts.babi_test_pool(qa, len(samples))
+    picks = rng.sample(pool, min(n, len(pool)))
     out = []
     for i, pick in enumerate(picks):
         s = samples[pick]
-        srng = random.Random(f"babi-{qa}-{length}-{seed}-{i}")
+        srng = random.Random(f"babi-{qa}-{length}-{stream}-{i}")
         fact_tokens = sum(len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f in s["facts"])
         sentences = haystack(tokenizer, length - fact_tokens - 300, srng)
         fact_depths = sorted(srng.random() for _ in s["facts"])
         context = " ".join(_insert(sentences, s["facts"], fact_depths))
         instruction = "\n\n".join([prompts["instruction"], prompts["examples"], prompts["post_prompt"]])
-        eid = f"babi-qa{qa}-{length}-{seed}-{n}-{i}"  # n in the id: the sample drawn depends on n
+        eid = f"babi-qa{qa}-{length}-{stream}-{n}-{i}"  # n in the id: the sample drawn depends on n
         out.append(Example("babi", eid, eid, length, context, s["question"], [s["answer"]], " ".join(s["facts"]),
                            instruction=instruction, scorer="contains", depth=fact_depths[0] if fact_depths else None,
                            meta={"qa": qa}))
