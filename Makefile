@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean-venv bench bench-full bench-bridges bench-scale report
+.PHONY: demo test venv clean-venv bench bench-dev bench-full bench-bridges bench-scale report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,15 @@ KVMAP_METHODS := oracle,none,full,truncate,streaming,yarn:max_tokens=12000,rag-b
 FQA_SPLICE_VARIANTS := kvmap-splice-bm25:neighbours=1,kvmap-splice-bm25:n_blocks=16,kvmap-splice-bm25:n_blocks=4,kvmap-splice-bm25:block_size=128:n_blocks=4
 FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap,kvmap-fixed,kvmap-block,kvmap-block-fixed,kvmap-bm25,kvmap-splice,kvmap-splice-layerwise,kvmap-splice-bm25,kvmap-splice:n_blocks=16
 
+# The grid (issue 15), on the test part: passkey, NIAH single + multikey, bAbI qa1 + qa2, FairytaleQA at 4k,
+# 16k and 64k (NIAH single also 128k), every method of kvmap/eval/grid.py on the same examples. Resumable; each
+# slice (about two hours or less on this 2-core CPU) regenerates RESULTS.md and commits its run files.
+# `python -m kvmap.eval.grid --plan` prints the slices with their estimated hours (GRID_ESTIMATE below).
 bench: $(STAMP)
+	$(BIN)/python -m kvmap.eval.grid --commit $(SLICES)
+
+# The dev-part runs variants and defaults were chosen on (about 4 hours).
+bench-dev: $(STAMP)
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods $(PASSKEY_METHODS) --out runs/passkey-16k
 	$(BIN)/kvmap eval passkey --lengths 64k --limit 20 --methods $(PASSKEY_METHODS) --out runs/passkey-64k
 	$(BIN)/kvmap eval fairytaleqa --lengths 4k --limit 5 --methods oracle,none,full,truncate,streaming,yarn,rag-bm25,rag-embed,kvmap,kvmap-fixed,kvmap-block,kvmap-block-fixed,kvmap-bm25,kvmap-bm25:placement=fixed,kvmap-block:n_blocks=32,kvmap-block:neighbours=1,kvmap-splice-bm25,kvmap-splice,kvmap-splice-layerwise --out runs/fairytaleqa-4k-pilot

@@ -176,7 +176,8 @@ def _cost_table(section: Section, lengths: list[int], methods: list[str]) -> lis
     lines = ["Cost (medians; this 2-core CPU). *answer s*: from the question to the last answer token "
              "(per-question retrieval, block choice and splicing included); *context s/example*: the cost of "
              "the context itself (kvmap's ingest, a baseline's prefill of the context), divided over the "
-             "questions that share it, for every method alike (empty where a read reused cached chunks); "
+             "questions that share it, for every method alike (a read that reused cached chunks of a shared haystack "
+             "counts what it computed); "
              "*old s/question*: rows written before the two columns, shared prefill charged to every question:", "",
              "| length | method | answer s | context s/example | old s/question | decode ms/token | "
              "ingest tok/s | peak RSS MB | disk bytes/token |", "|---|---|---|---|---|---|---|---|---|"]

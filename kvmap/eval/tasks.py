@@ -133,7 +133,9 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
 
     ``single``: one needle; ``multikey``: 4 needles with different keys, one asked;
     ``multivalue``: 4 values for one key, all asked; ``multiquery``: 4 keys, 2 asked.
-    The first needle sits at the example's depth, the others at random depths.
+    The first needle sits at the example's depth, the others at random depths. In the test part all
+    examples of a length share one haystack (only needles and depths differ), so a reader's chunk
+    cache reuses the prefix before the first needle (the dev part keeps the haystacks it always had).
     """
     from kvmap.data import niah_template
 
@@ -156,7 +158,8 @@ def niah_examples(tokenizer, length: int, n: int, seed: int = 0, variant: str = 
             pairs, asked = list(zip(keys, values)), keys[:2]
         needles = [t["needle"].format(type_needle_v="numbers", key=k, value=v) for k, v in pairs]
         needle_tokens = sum(len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in needles)
-        sentences = haystack(tokenizer, length - needle_tokens - 60, rng)
+        sentences = haystack(tokenizer, length - needle_tokens - 60, rng if part == "dev" else
+                             random.Random(f"niah-hay-{variant}-{length}-{stream}"))  # test: one shared haystack
         needle_depths = [depth] + [rng.random() for _ in needles[1:]]
         query = " and ".join(asked)
         intro = t["template"].partition("{context}")[0].format(type_needle_v="numbers").strip()
@@ -222,7 +225,8 @@ def fairytaleqa_examples(tokenizer, distractor_tokens: int, n: int, seed: int = 
 
 
 def babi_examples(tokenizer, length: int, n: int, seed: int = 0, qa: int = 1, part: str = "dev") -> list[Example]:
-    """bAbI qa1–qa3 facts spread (in order) between tale sentences, BABILong style."""
+    """bAbI qa1–qa3 facts spread (in order) between tale sentences, BABILong style (in the test part
+    over one haystack per length, as for NIAH)."""
     from kvmap.data import babi, babilong_prompts
 
     if qa not in (1, 2, 3):
@@ -238,7 +242,8 @@ def babi_examples(tokenizer, length: int, n: int, seed: int = 0, qa: int = 1, pa
         s = samples[pick]
         srng = random.Random(f"babi-{qa}-{length}-{stream}-{i}")
         fact_tokens = sum(len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f in s["facts"])
-        sentences = haystack(tokenizer, length - fact_tokens - 300, srng)
+        sentences = haystack(tokenizer, length - fact_tokens - 300, srng if part == "dev" else
+                             random.Random(f"babi-hay-{qa}-{length}-{stream}"))  # test: one shared haystack
         fact_depths = sorted(srng.random() for _ in s["facts"])
         context = " ".join(_insert(sentences, s["facts"], fact_depths))
         instruction = "\n\n".join([prompts["instruction"], prompts["examples"], prompts["post_prompt"]])
