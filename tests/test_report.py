@@ -80,3 +80,16 @@ def test_dev_and_test_parts_are_separate_sections(tmp_path):
     text = report(tmp_path)
     assert text.index("## passkey, test part") < text.index("## passkey, dev part")
     assert "| kvmap | 0.0% [0%–79%] n=1 |" in text and "| kvmap | 100.0% [21%–100%] n=1 |" in text
+
+
+def test_prose_placeholders_are_filled_from_the_runs(tmp_path, capsys):
+    rows = [row(i, "kvmap", float(i < 3), group=f"s{i}") for i in range(4)] + \
+           [row(i, "none", 0.0, group=f"s{i}") for i in range(4)]
+    write_run(tmp_path / "runs" / "a", "passkey", rows, ["none", "kvmap"], [1000])
+    (tmp_path / "runs" / "DISCUSSION.md").write_text(
+        "kvmap found {{correct passkey dev 1000 kvmap}} ({{score passkey dev 1000 kvmap}}), "
+        "{{diff passkey dev 1000 kvmap none}} over none; {{score passkey test 1000 kvmap}}.")
+    text = report(tmp_path)
+    assert "kvmap found 3/4 (75.0%), +75.0 [" in text
+    assert "**[no such cell: score passkey test 1000 kvmap]**" in text
+    assert "names no cell" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 here = Path(__file__).parent
 new_path = Path(sys.argv[1]) if len(sys.argv) > 1 else here / "passkey-16k-after-issue14" / "predictions.jsonl"
-old_path = Path(sys.argv[2]) if len(sys.argv) > 2 else here.parent.parent / "runs" / "passkey-16k" / "predictions.jsonl"
+old_path = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "passkey-runner-merge" / "16k-old-runner" / "predictions.jsonl"
 old = {row["trial"]: row for row in map(json.loads, old_path.read_text().splitlines())}
 same = total = 0
 scores: dict[str, list[int]] = {}

@@ -36,6 +36,8 @@ class Section:
     task: str
     label: str
     part: str
+    key: str = ""
+    """``task`` or ``task/variant`` (``niah/single``, ``babi/1``): how prose placeholders name it (:mod:`kvmap.eval.claims`)."""
     models: set = field(default_factory=set)
     configs: list = field(default_factory=list)
     cells: dict = field(default_factory=dict)
@@ -57,10 +59,12 @@ def _order(method: str) -> tuple:
     return (0, BASELINES.index(base), method) if base in BASELINES else (1, base, method)
 
 
-def _label(config: dict) -> str:
+def _label(config: dict) -> tuple[str, str]:
+    """The section's title and its key: ``niah (variant single)`` and ``niah/single``."""
     options = config.get("task_options") or {}
     variant = ", ".join(f"{k} {options[k]}" for k in VARIANT_OPTIONS if k in options)
-    return f"{config['task']} ({variant})" if variant else config["task"]
+    key = "/".join([config["task"]] + [str(options[k]) for k in VARIANT_OPTIONS if k in options])
+    return (f"{config['task']} ({variant})" if variant else config["task"]), key
 
 
 def load_sections(folders: list[Path]) -> list[Section]:
@@ -70,8 +74,8 @@ def load_sections(folders: list[Path]) -> list[Section]:
         config = yaml.safe_load((folder / "config.yaml").read_text())
         rows = read_jsonl(folder / "predictions.jsonl")
         part = part_of_run(config)
-        key = (_label(config), part)
-        section = sections.setdefault(key, Section(config["task"], key[0], part))
+        label, key = _label(config)
+        section = sections.setdefault((label, part), Section(config["task"], label, part, key))
         section.models.add(config["model"])
         section.configs.append((folder.name, config))
         for length, cells in summarize(rows).items():
@@ -134,7 +138,8 @@ def _best_rag(section: Section, length: int) -> str | None:
     return max(present)[1] if present else None
 
 
-def _diff(section: Section, length: int, method: str, reference: str | None) -> str:
+def diff_text(section: Section, length: int, method: str, reference: str | None) -> str:
+    """``method − reference`` in points over their shared examples, with the clustered 95% interval; ``–`` if none."""
     if reference is None or method == reference:
         return "–"
     a, b = section.scores(length, method), section.scores(length, reference)
@@ -167,7 +172,7 @@ def _paired_tables(section: Section, lengths: list[int], methods: list[str]) -> 
         for method in methods:
             if method in ("none", "oracle") or not section.cells.get((x, method), {}).get("n"):
                 continue
-            lines.append(f"| {method} | {_diff(section, x, method, 'none')} | {_diff(section, x, method, rag)} |")
+            lines.append(f"| {method} | {diff_text(section, x, method, 'none')} | {diff_text(section, x, method, rag)} |")
         lines.append("")
     return lines
 
@@ -205,10 +210,10 @@ def _header(section: Section) -> list[str]:
     return lines
 
 
-def grid_sections(folders: list[Path], out_dir: Path) -> list[str]:
+def grid_sections(sections: list[Section], out_dir: Path) -> list[str]:
     """One section per task (variant) and part of the harness's runs: scores, shares, paired differences, cost, plots."""
     lines: list[str] = []
-    for section in load_sections(folders):
+    for section in sections:
         lengths = sorted({x for x, _ in section.cells})
         methods = sorted({m for _, m in section.cells}, key=_order)
         lines += _header(section) + _score_table(section, lengths, methods)
