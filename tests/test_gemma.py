@@ -127,9 +127,11 @@ def test_local_layers_import_only_memories_inside_their_window(distance, importi
     assert trace.hits and all(0 <= i < 20 for i in trace.hits)
 
 
-def test_no_forward_left_patched_after_the_block():
-    model = tiny_gemma()
-    port = Gemma3MemoryPort(model, model_id="tiny")
+@pytest.mark.parametrize("make, cls", [(tiny_gemma, Gemma3MemoryPort), (tiny_llama, LlamaMemoryPort)])
+def test_no_forward_left_patched_after_the_block(make, cls):
+    """Both causal LM ports: an import block that raises, or a nested block refused, leaves the model as it was."""
+    model = make()
+    port = cls(model, model_id="tiny")
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         before = model(ids).logits
