@@ -31,10 +31,9 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Long benchmarks (not part of `make test`); every run resumes where it stopped, and RESULTS.md is
-# rebuilt from the run files at the end. `make bench` is what produced the committed RESULTS.md:
-# about 4 hours on this 2-core CPU (passkey 16k/64k ~2 h, FairytaleQA 16k x 50 questions ~1 h 10 min,
-# niah and babi at 4k tokens x 10 examples ~30 min each). `make bench-full` is the whole grid the harness supports (n=50 per cell, lengths
-# to 128k): days on this CPU, hours on a workstation; run it where you have the cores.
+# rebuilt from the run files at the end. `make bench-dev` reruns the dev-part runs in RESULTS.md (about 4
+# hours on this 2-core CPU); `make bench` the test-part grid; `make bench-full` the whole grid the harness
+# supports (n=50 per cell, lengths to 128k): days on this CPU, hours on a workstation.
 PASSKEY_METHODS := none,truncate,truncate-tail,full,kvmap,kvmap:distance=64,kvmap:distance=1024,kvmap-fixed
 KVMAP_METHODS := oracle,none,full,truncate,streaming,yarn:max_tokens=12000,rag-bm25,rag-embed,kvmap,kvmap-block,kvmap-splice,kvmap-splice-bm25
 FQA_SPLICE_VARIANTS := kvmap-splice-bm25:neighbours=1,kvmap-splice-bm25:n_blocks=16,kvmap-splice-bm25:n_blocks=4,kvmap-splice-bm25:block_size=128:n_blocks=4
@@ -43,7 +42,9 @@ FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap,kvma
 # The grid (issue 15), on the test part: passkey, NIAH single + multikey, bAbI qa1 + qa2, FairytaleQA at 4k,
 # 16k and 64k (NIAH single also 128k), every method of kvmap/eval/grid.py on the same examples. Resumable; each
 # slice (about two hours or less on this 2-core CPU) regenerates RESULTS.md and commits its run files.
-# `python -m kvmap.eval.grid --plan` prints the slices with their estimated hours (GRID_ESTIMATE below).
+# `python -m kvmap.eval.grid --plan` prints the slices with their estimated hours: 6.4 h in all (0.6-1.1 h a
+# slice), from one timed cell per length (2026-12-01: 43 s per NIAH example at 4k, 68 s at 16k, 30 s per
+# FairytaleQA question at 16k; 64k and 128k extrapolated). timing.jsonl in runs/grid records what each took.
 bench: $(STAMP)
 	$(BIN)/python -m kvmap.eval.grid --commit $(SLICES)
 
@@ -87,6 +88,9 @@ bench-scale: $(STAMP)
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse 64 --reuse-next-best 0 --out runs/scale/filler-1m-reuse64-next8
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse 64 --reuse-next 0 --reuse-next-best 0 --out runs/scale/filler-1m-reuse64
 	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --build-only
+	# needles in 1.03M distinct tokens of tales (issue 15), memory vs none, needles of the test stream at 10 depths
+	for t in passkey niah-single niah-multikey; do \
+	  $(BIN)/kvmap bench scale --corpus tales --tokens 1M --task $$t --part test --trials 10; done
 	$(BIN)/python benchmarks/recall_reuse.py --memory $(SCALE_DIR)/tales-1m
 	$(BIN)/python benchmarks/quantization_cost.py --memory $(SCALE_DIR)/tales-1m
 	$(BIN)/python benchmarks/recall_real_kv.py

@@ -112,7 +112,7 @@ def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tm
     with retrieval reuse; every needle is forgotten again."""
     from kvmap.errors import InputError
     from kvmap.eval.corpus import build_corpus_memory
-    from kvmap.eval.scale import passkey_at_scale
+    from kvmap.eval.scale import needle_at_scale
     from kvmap.ports import ImportConfig
     from kvmap.stores import Memory
 
@@ -124,10 +124,16 @@ def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tm
     with pytest.raises(InputError, match="holds other sources"):  # never mixes a corpus into other sources
         build_corpus_memory(lm, path, 2000, corpus="tales", progress=False)
     before = Memory.open(path).n_tokens
-    result = passkey_at_scale(lm, path, 2, ImportConfig.from_options(reuse=64), needle_tokens=200, progress=False,
-                              log_path=tmp_path / "log.jsonl")
+    result = needle_at_scale(lm, path, 2, ImportConfig.from_options(reuse=64), needle_tokens=200, progress=False,
+                             log_path=tmp_path / "log.jsonl")
     assert result["methods"]["kvmap"]["correct"] == 2, [e["kvmap"]["output"] for e in result["examples"]]
     assert result["methods"]["none"]["correct"] == 0
     after = Memory.open(path)
     assert after.n_tokens == before and not [s for s in after.sources() if s["source"].startswith("needle/")]
     assert result["speed"]["decode_ms_memory"] > 0 and result["peak_rss_mb"] > 0
+    # a NIAH needle in the same memory, from the test stream: the same path, another task's example and scorer
+    niah = needle_at_scale(lm, path, 1, ImportConfig.from_options(reuse=64), needle_tokens=300, progress=False,
+                           task="niah-single", part="test", max_new_tokens=12)
+    assert niah["task"] == "niah-single-scale" and niah["part"] == "test" and niah["trials"] == 1
+    assert niah["examples"][0]["answers"][0].isdigit()
+    assert Memory.open(path).n_tokens == before

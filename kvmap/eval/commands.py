@@ -57,12 +57,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_scale(args) -> int:
-    """Build a corpus memory of --tokens tokens (resumable), then run passkey trials against it."""
+    """Build a corpus memory of --tokens tokens (resumable), then run --task trials against it."""
     import time
     from pathlib import Path
 
     from kvmap.eval.corpus import build_corpus_memory
-    from kvmap.eval.scale import passkey_at_scale
+    from kvmap.eval.scale import needle_at_scale
     from kvmap.models.loading import cache_dir
     from kvmap.presets import PRESETS
 
@@ -85,17 +85,19 @@ def cmd_bench_scale(args) -> int:
           + (f"; read {build['tokens_read']} tokens at {build['ingest_tok_s']:.0f} tok/s" if build["parts_read"] else ""))
     if args.build_only:
         return 0
-    result = passkey_at_scale(lm, memory, args.trials, config, seed=args.seed, log_path=out / "trials.jsonl",
-                              progress=not args.quiet)
+    stem = "" if args.task == "passkey" and args.part == "dev" else f"{args.task}-{args.part}-"
+    result = needle_at_scale(lm, memory, args.trials, config, seed=args.seed, log_path=out / f"{stem}trials.jsonl",
+                             progress=not args.quiet, task=args.task, part=args.part)
     result["built_in_this_process"] = bool(build["parts_read"])  # then peak RSS includes the build
     result["corpus"] = args.corpus
-    write_json_atomic(out / "passkey-scale.json", result, indent=1)
+    result_path = out / f"{stem or 'passkey-'}scale.json"
+    write_json_atomic(result_path, result, indent=1)
     sp = result["speed"]
-    print(f"passkey in {result['haystack_tokens']} tokens of {args.corpus}: kvmap {result['methods']['kvmap']['correct']}"
+    print(f"{args.task} in {result['haystack_tokens']} tokens of {args.corpus}: kvmap {result['methods']['kvmap']['correct']}"
           f"/{result['trials']}, none {result['methods']['none']['correct']}/{result['trials']}; decode "
           f"{sp['decode_ms_memory']:.0f} vs {sp['decode_ms_no_memory']:.0f} ms/token ({sp['decode_ratio']:.2f}x); "
           f"first forward {sp['prefill_s_memory']:.1f} s; peak RSS {result['peak_rss_mb'] / 1024:.2f} GiB; "
-          f"{result['disk_bytes_per_token'] / 1024:.1f} KiB/token on disk; wrote {out / 'passkey-scale.json'}")
+          f"{result['disk_bytes_per_token'] / 1024:.1f} KiB/token on disk; wrote {result_path}")
     return 0
 
 
@@ -160,6 +162,9 @@ def _add_bench(sub) -> None:
                     help="filler: the passkey template's haystack (default); tales: the bundled tales, repeated")
     sc.add_argument("--memory", help="memory folder (default $KVMAP_CACHE/scale/CORPUS-SIZE; 23 KB per token)")
     sc.add_argument("--trials", type=int, default=10)
+    sc.add_argument("--task", default="passkey", choices=["passkey", "niah-single", "niah-multikey"],
+                    help="the needle each trial adds: a passkey line (default) or RULER needle sentence(s) in tale text")
+    sc.add_argument("--part", default="dev", choices=["dev", "test"], help="which stream of needles (see kvmap eval --part)")
     add_import_options(sc, defaults=PRESETS["scale-1m"])
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--model")

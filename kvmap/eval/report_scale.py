@@ -191,7 +191,7 @@ def size_rows(folder: Path) -> list[dict]:
                                  "decode_ms_none": none["decode_ms_per_token"], "ingest_tok_s": c.get("ingest_tok_s"),
                                  "peak_rss_mb": c["peak_rss_mb"], "disk_bytes_per_token": c.get("disk_bytes_per_token", 0),
                                  "accuracy": c["score"]})
-    for result in sorted(folder.glob("*/passkey-scale.json")):
+    for result in sorted(folder.glob("*/*scale.json")):
         r = json.loads(result.read_text())
         builds = [json.loads(x) for x in (result.parent / "build.jsonl").read_text().splitlines()] \
             if (result.parent / "build.jsonl").exists() else []
@@ -201,7 +201,10 @@ def size_rows(folder: Path) -> list[dict]:
         method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "") \
             + (f":reuse_next_best={best}" if nxt and best else "") \
             + (f":layers={format_layers(tuple(layers))}" if layers else "")
-        rows.append({"tokens": r["haystack_tokens"], "method": f"{method} ({r['corpus']})",
+        task = r["task"].removesuffix("-scale")
+        label = r["corpus"] if task == "passkey" and r.get("part", "dev") == "dev" else \
+            f"{r['corpus']}, {task}, {r.get('part', 'dev')} part"
+        rows.append({"tokens": r["haystack_tokens"], "method": f"{method} ({label})",
                      "correct": k["correct"], "n": k["n"], "decode_ms": r["speed"]["decode_ms_memory"],
                      "decode_ms_none": r["speed"]["decode_ms_no_memory"], "first_s": r["speed"]["prefill_s_memory"],
                      "ingest_tok_s": read / seconds if seconds else None, "peak_rss_mb": r["peak_rss_mb"],
