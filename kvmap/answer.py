@@ -18,9 +18,10 @@ class Answer:
 
     text: str
     memories: list[MemoryEntry] = field(default_factory=list)
-    """Most-retrieved memory tokens, with a snippet of their neighbourhood as ``text``."""
+    """Splice modes: every spliced block, best retrieval score first, with its whole text. Import mode:
+    the most-retrieved memory tokens (score: times retrieved), with a snippet of their neighbourhood."""
     source_shares: dict[str, float] = field(default_factory=dict)
-    """Source -> share of all retrievals that came from it (sums to 1 over sources)."""
+    """Source -> its share of what came back (spliced text, or retrievals; sums to 1 over sources)."""
     new_tokens: int = 0
     seconds: float = 0.0
 
@@ -103,15 +104,17 @@ def context_prompt(tokenizer, question: str, instruction: str = "") -> tuple[lis
 
 
 def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", config: ImportConfig | None = None,
-                max_new_tokens: int = 64, port: MemoryPort | None = None) -> tuple[str, torch.Tensor]:
+                max_new_tokens: int = 64, port: MemoryPort | None = None) -> tuple[str, list[MemoryEntry]]:
     """Answer with the memory blocks chosen for the question spliced into the prompt (see kvmap.splice).
 
     ``choice``: ``bm25`` (block text) or ``attention`` (the question's queries). ``config`` gives the
     blocks (``config.blocks``: size, count); ``None``: the splice preset (8 blocks of 64 tokens).
-    Returns the answer text and the memory ids that were spliced in.
+    Returns the answer text and the spliced blocks, best retrieval score first (BM25 score, or the
+    attention mass the question's queries gave the block), each with its whole text: what the answer
+    was read from.
     """
     from kvmap.decoding import greedy
-    from kvmap.splice import bm25_blocks, choose_blocks, spliced_cache
+    from kvmap.splice import block_mass, block_tokens, bm25_block_ids, bm25_block_scores, spliced_cache, top_blocks
 
     port = port or lm.port
     tok = lm.tokenizer
@@ -120,14 +123,31 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
     elif config.blocks is None:
         raise InputError("splice modes need block settings (config.blocks); "
                          "use kvmap.presets.preset('splice', ...) or ImportConfig.from_options(block_size=..., n_blocks=...)")
+    size = config.blocks.size
     if choice == "bm25":
-        ids = bm25_blocks(memory, question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours)
+        blocks = bm25_block_ids(memory, question, size, config.blocks.n_blocks, config.blocks.neighbours)
+        scores = bm25_block_scores(memory, question, size)
     else:
         question_tokens = len(tok(question, add_special_tokens=False)["input_ids"])
-        ids = choose_blocks(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)
+        scores = block_mass(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)
+        blocks = top_blocks(scores, config.blocks.n_blocks, size, memory.n_tokens)
     before, after = context_prompt(tok, question)
-    cache, _ = spliced_cache(port, memory, before, ids)
-    return greedy(lm.model, tok, after, max_new_tokens, cache).text.strip(), ids
+    cache, _ = spliced_cache(port, memory, before, block_tokens(blocks, size, memory.n_tokens))
+    text = greedy(lm.model, tok, after, max_new_tokens, cache).text.strip()
+    return text, describe_blocks(memory, blocks, [float(scores[b]) for b in blocks], size)
+
+
+def describe_blocks(memory, blocks: list[int], scores: list[float], block_size: int) -> list[MemoryEntry]:
+    """One entry per spliced block, best score first: where it starts (source, document, offset), its
+    retrieval score and its whole text."""
+    texts = memory.token_texts()
+    entries = []
+    for block, score in sorted(zip(blocks, scores), key=lambda bs: -bs[1]):
+        start = block * block_size
+        entry = memory.entry(start, score=score)
+        entry.text = "".join(texts[start:start + block_size]).replace("\n", " ").strip()
+        entries.append(entry)
+    return entries
 
 
 ASK_MODES = ("splice", "splice-attention", "import")
@@ -151,12 +171,14 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
     began = time.perf_counter()
     if memory is not None and mode.startswith("splice"):
         choice = "attention" if mode == "splice-attention" else "bm25"
-        text, ids = ask_spliced(lm, question, memory, choice, config, max_new_tokens, port)
-        answer = Answer(text=text, seconds=time.perf_counter() - began)
-        trace = ImportTrace()
-        trace.record(ids)
-        answer.memories, answer.source_shares = describe_trace(memory, trace, n_memories)
-        return answer
+        text, blocks = ask_spliced(lm, question, memory, choice, config, max_new_tokens, port)
+        shares = Counter()
+        for entry in blocks:
+            shares[entry.source] += len(entry.text) or 1
+        total = sum(shares.values())
+        # every spliced block is listed (they are all the answer read), not only n_memories of them
+        return Answer(text=text, seconds=time.perf_counter() - began, memories=blocks,
+                      source_shares={src: n / total for src, n in shares.most_common()})
     text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), memory, config, max_new_tokens, port=port)
     answer = Answer(text=text, new_tokens=n_new, seconds=time.perf_counter() - began)
     if memory is not None:

@@ -16,6 +16,7 @@ Splicing is the block-level alternative that worked best there:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvmap.ports import ImportConfig, MemoryPort
@@ -44,11 +45,16 @@ def choose_blocks(port: MemoryPort, memory, prompt_ids: list[int], config: Impor
     mass = block_mass(port, memory, prompt_ids, config, select_last)
     if contrast is not None:
         mass = mass - block_mass(port, memory, contrast[0], config, contrast[1])
+    return block_tokens(top_blocks(mass, n_blocks_wanted, block_size, memory.n_tokens), block_size, memory.n_tokens)
+
+
+def top_blocks(mass: torch.Tensor, n_blocks_wanted: int, block_size: int, n_tokens: int) -> list[int]:
+    """Indices of the ``n_blocks_wanted`` blocks with the most mass (n_blocks,), in reading order."""
+    mass = mass.clone()
     n_blocks = mass.shape[0]
-    if memory.n_tokens % block_size and n_blocks > n_blocks_wanted:
+    if n_tokens % block_size and n_blocks > n_blocks_wanted:
         mass[-1] = float("-inf")  # a short last block would make the count uneven between choices
-    chosen = sorted(mass.topk(min(n_blocks_wanted, n_blocks)).indices.tolist())
-    return block_tokens(chosen, block_size, memory.n_tokens)
+    return sorted(mass.topk(min(n_blocks_wanted, n_blocks)).indices.tolist())
 
 
 def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0) -> torch.Tensor:
@@ -63,15 +69,23 @@ def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 
     buffer), so a fact cut at a block edge comes with its sentence. Overlapping neighbourhoods
     merge, so this gives at most ``n_blocks * (1 + 2 * neighbours)`` blocks, fewer when chosen
     blocks sit close together (unlike the import path, which fills that budget)."""
+    scores = bm25_block_scores(memory, question, block_size)
+    n_all = len(scores)
+    ranked = [int(b) for b in np.argsort(-scores, kind="stable")]  # best first; ties to the earlier block
+    if n_all > n_blocks and memory.n_tokens % block_size:
+        # keep every choice the same length: a short last block never counts among the chosen
+        ranked = [b for b in ranked if b != n_all - 1]
+    ranked = ranked[:n_blocks]
+    return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < n_all})
+
+
+def bm25_block_scores(memory, question: str, block_size: int = 64) -> np.ndarray:
+    """(n_blocks,) BM25 score of every block of ``block_size`` memory tokens' text for ``question``."""
     from kvmap.retrieval import BM25Retriever
 
     texts = memory.token_texts()
     blocks = ["".join(texts[i:i + block_size]) for i in range(0, len(texts), block_size)]
-    ranked = BM25Retriever().top(blocks, question, n_blocks)
-    if len(blocks) > n_blocks and len(texts) % block_size and len(blocks) - 1 in ranked:
-        # keep every choice the same length: swap a short last block for the next best one
-        ranked = [b for b in BM25Retriever().top(blocks, question, n_blocks + 1) if b != len(blocks) - 1][:n_blocks]
-    return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < len(blocks)})
+    return BM25Retriever().scores(blocks, question)
 
 
 def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Tensor:

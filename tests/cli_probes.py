@@ -30,6 +30,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 TALE = "Once upon a time a frog lived in a well near the castle of the king. " * 40
 OTHER = "A goose laid a golden egg every morning, and the farmer grew rich and greedy. " * 40
+PLANTED = "The miller's daughter kept the spare key under the blue flowerpot by the mill door. "
 
 
 @dataclass
@@ -179,6 +180,11 @@ def probes(tree: Path) -> list[Probe]:
               model=True),
         Probe("same file twice", ["remember", "tale.txt", "--memory", "mem", "--quiet"], expect="ok", setup=told,
               model=True, check=lambda f, out: _memory_sources(f) == {"tale.txt": _memory_sources(f)["tale.txt"]}),
+        Probe("splice lists the block the answer came from", ["ask", "Where is the spare key?", "--memory", "mem",
+                                                               "--json", "--max-new-tokens", "16"],
+              model=True, expect="ok", timeout=180,
+              setup=lambda f: (write(f / "tale.txt", TALE * 2 + PLANTED + OTHER * 2), remember(tree, f, "tale.txt")),
+              check=lambda f, out: any("blue flowerpot" in m["text"] for m in json.loads(out)["memories"])),
         Probe("remember --replace killed midway", ["remember", "tale.txt", "--memory", "mem", "--replace"],
               model=True, expect="ok", kill_after="remember tale.txt", timeout=180,
               setup=lambda f: (write(f / "tale.txt", TALE * 3), remember(tree, f, "tale.txt"),

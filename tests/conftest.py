@@ -61,9 +61,11 @@ class BruteForceMemory:
     """Test double with the whole MemoryView contract (kvmap.ports.MemoryView): exact inner-product
     search over RAM tensors, token offsets equal to ids, one document of one source."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], model_id: str = "tiny"):
-        # keys[l], values[l]: (H, N, d) pre-RoPE
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], model_id: str = "tiny",
+                 texts: list[str] | None = None):
+        # keys[l], values[l]: (H, N, d) pre-RoPE; texts: each token's text (default "t<id>")
         self.keys, self.values = keys, values
+        self.texts = texts or [f"t{i}" for i in range(keys[0].shape[1])]
         h, n, d = keys[0].shape
         self.layout = KVLayout(len(keys), h, d)
         self.model_id, self.path, self.n_tokens = model_id, "<ram>", n
@@ -89,10 +91,10 @@ class BruteForceMemory:
     def entry(self, id, score=0.0):
         from kvmap.ports import MemoryEntry
 
-        return MemoryEntry(source="<ram>", doc_id=0, offset=int(id), text=f"t{int(id)}", score=float(score))
+        return MemoryEntry(source="<ram>", doc_id=0, offset=int(id), text=self.texts[int(id)], score=float(score))
 
     def token_texts(self):
-        return [f"t{i}" for i in range(self.n_tokens)]
+        return list(self.texts)
 
     def block_means(self, layer, block_size):
         return torch.stack([c.mean(1) for c in self.keys[layer].float().split(block_size, dim=1)], dim=1)

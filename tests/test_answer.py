@@ -23,10 +23,10 @@ def _fake_lm():
 def chooser(monkeypatch):
     import kvmap.splice
 
-    def bm25_blocks(memory, question, block_size, n_blocks, neighbours=0):
+    def bm25_block_ids(memory, question, block_size, n_blocks, neighbours=0):
         raise _Chosen(block_size, n_blocks, neighbours)
 
-    monkeypatch.setattr(kvmap.splice, "bm25_blocks", bm25_blocks)
+    monkeypatch.setattr(kvmap.splice, "bm25_block_ids", bm25_block_ids)
 
 
 def test_splice_mode_uses_the_given_block_settings(chooser):
@@ -45,3 +45,24 @@ def test_splice_mode_without_a_config_uses_the_splice_preset(chooser):
 def test_splice_mode_refuses_a_config_without_blocks(chooser):
     with pytest.raises(InputError, match="block settings"):
         ask(_fake_lm(), "Who?", memory=object(), config=ImportConfig())
+
+
+def test_spliced_answers_list_every_spliced_block_best_score_first(tmp_path):
+    """The block holding a planted fact is listed, whole, when BM25 splices it (the review's probe: a fact
+    answered from a 9k-token memory while none of the 8 listed snippets held it)."""
+    import torch
+
+    from kvmap.answer import describe_blocks
+    from kvmap.splice import bm25_block_ids, bm25_block_scores
+    from tests.conftest import BruteForceMemory
+
+    texts = ["The road went on through the wood. "] * 25 + ["The baker's secret ingredient is saffron. "] + \
+        ["The road went on through the wood. "] * 15  # one "token" a sentence
+    memory = BruteForceMemory([torch.zeros(1, len(texts), 4)], [torch.zeros(1, len(texts), 4)], texts=texts)
+    blocks = bm25_block_ids(memory, "What is the baker's secret ingredient?", block_size=4, n_blocks=3)
+    scores = bm25_block_scores(memory, "What is the baker's secret ingredient?", block_size=4)
+    entries = describe_blocks(memory, blocks, [float(scores[b]) for b in blocks], block_size=4)
+    assert len(entries) == len(blocks) == 3
+    assert "saffron" in entries[0].text and entries[0].score == max(e.score for e in entries)
+    assert [e.score for e in entries] == sorted((e.score for e in entries), reverse=True)
+    assert entries[0].offset == 24  # the block's first token: the fact's block starts there

@@ -199,7 +199,11 @@ def cmd_ask(args) -> int:
                           "sources": answer.source_shares}))
         return 0
     print(answer.text)
-    if answer.memories:
+    if answer.memories and args.mode.startswith("splice"):
+        print("\nblocks spliced into the prompt, best retrieval score first (source, score, text):")
+        for m in answer.memories:
+            print(f"  {m.source:30.30s} {m.score:7.2f}  {m.text}")
+    elif answer.memories:
         print("\nmemories that came back (source, hits, text):")
         for m in answer.memories:
             print(f"  {m.source:30.30s} {m.score:6.0f}  {m.text[:90]}")

@@ -1,4 +1,4 @@
-"""The scale section of RESULTS.md, from ``runs/scale``: passkey by memory size (``kvmap eval passkey-grid``
+"""The scale section of RESULTS.md, from ``runs/scale``: passkey by memory size (``kvmap eval passkey``
 runs and ``kvmap bench scale``), recall of store settings and of retrieval reuse on real K/V
 (``benchmarks/recall_real_kv.py``, ``benchmarks/recall_reuse.py``), the sharded store's overhead
 (``benchmarks/sharded_latency.py``)."""
@@ -32,9 +32,9 @@ def _sizes(folder: Path, out_dir: Path) -> list[str]:
              "and every decode step takes its top-16 among those candidates; `reuse_next=8` also keeps the 8 "
              "memories after each candidate, and `reuse_next_best=16` only after each query's 16 best (so "
              "`reuse` can grow without the followers multiplying the candidates). 1k–100k: `kvmap eval "
-             "passkey-grid` (one haystack per trial, read in that trial; peak RSS includes the runner's chunk "
-             "cache of up to 4 GB); 1M: `kvmap bench scale` (one filler memory built once, a needle document "
-             "added and forgotten per trial). The `reuse_next` rows ran alone on the two cores and decode "
+             "passkey` (one haystack per trial, read in that trial; peak RSS includes the runner's chunk "
+             "cache of up to 4 GB); 1M: `kvmap bench scale` (one filler or tales memory built once, a needle "
+             "document added and forgotten per trial; rows marked with a task and part are its NIAH or test-part runs). The `reuse_next` rows ran alone on the two cores and decode "
              "with the fused C kernel (`kvmap/models/decode_step.c`); the 1M `reuse=64` row ran before it, on "
              "the PyTorch path. Ratio: median decode time with memory over median without.", "",
              "| memory tokens | method | passkey | decode ms/token, memory | no memory | ratio | first forward s "
