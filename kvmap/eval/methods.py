@@ -21,15 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 
-import torch
-
-from kvmap.answer import chat_parts, context_prompt
-from kvmap.decoding import Generation, greedy, prefill
 from kvmap.errors import InputError
-from kvmap.eval.scoring import contains_answer
-from kvmap.eval.tasks import Example
 from kvmap.ports import OPTION_NAMES, ImportConfig, parse_layers
 from kvmap.presets import SPLICE, TOKEN_IMPORT
 
@@ -55,7 +48,13 @@ see :mod:`kvmap.splice`), summed over every layer and head, so all layers get th
 would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own choice (all the
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
-_BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
+KVMAP_RUNNER_OPTIONS = {"local": 0}
+"""Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
+tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
+as ordinary attention context, and only the context before them goes to memory; where the whole context
+fits, nothing does, and the method reads the context as truncation does. 0 (the default): everything goes
+to memory and the prompt holds only the instruction and question, as before."""
+BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
 
@@ -64,8 +63,8 @@ def parse_method(name: str) -> tuple[str, dict]:
     base, *opts = name.split(":")
     if base not in METHODS:
         raise InputError(f"unknown method '{base}'; choose from {', '.join(METHODS)} (options as NAME:KEY=VALUE)")
-    allowed = set(OPTION_NAMES) - {"layers", "fixed_blocks"} if base in KVMAP_PRESETS else \
-        set(_BASELINE_OPTIONS.get(base, {}))
+    allowed = set(OPTION_NAMES) - {"layers", "fixed_blocks"} | set(KVMAP_RUNNER_OPTIONS) if base in KVMAP_PRESETS \
+        else set(BASELINE_OPTIONS.get(base, {}))
     options: dict = {}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -85,9 +84,18 @@ def parse_method(name: str) -> tuple[str, dict]:
 
 
 def import_config(name: str, default: ImportConfig | None = None) -> ImportConfig:
-    """The ImportConfig a kvmap method name stands for."""
+    """The ImportConfig a kvmap method name stands for (its runner options, such as ``local``, left out)."""
     base, options = parse_method(name)
+    options = {k: v for k, v in options.items() if k not in KVMAP_RUNNER_OPTIONS}
     return (default or ImportConfig()).with_options(**{**KVMAP_PRESETS[base], **options})
+
+
+def local_tokens(name: str) -> int:
+    """A kvmap method's ``local`` option: how many of the most recent context tokens stay in the prompt (0: none)."""
+    local = parse_method(name)[1].get("local", KVMAP_RUNNER_OPTIONS["local"])
+    if local < 0:
+        raise InputError(f"method '{name}': local takes a token count of 0 or more, not {local}")
+    return local
 
 
 def check_methods(names: list[str]) -> None:
@@ -99,253 +107,9 @@ def check_methods(names: list[str]) -> None:
         if base in KVMAP_PRESETS:
             try:
                 import_config(name)
+                local_tokens(name)
             except (ValueError, TypeError) as err:  # e.g. options of two retrieval modes at once
                 raise InputError(f"method '{name}': {err}") from None
-
-
-# ------------------------------------------------------------------------------------------
-# Prompts.
-
-def prompt_parts(tokenizer, ex: Example, with_context: bool) -> tuple[list[int], list[int]]:
-    """Token ids before and after the context (the context itself goes between them)."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    if ex.style == "completion":
-        if with_context:
-            return [], enc("\n" + ex.question)
-        return enc(ex.instruction) + enc("\n" + ex.question), []
-    if with_context:
-        return context_prompt(tokenizer, ex.question, ex.instruction)
-    return chat_parts(tokenizer, f"{ex.instruction}\n\nQuestion: {ex.question}")
-
-
-def read_memory(lm, path, source: str, docs: list[str], store: str = "exact", reader_config=None,
-                chunk_cache=None):
-    """``docs`` read into a new memory at ``path``; returns (memory, ingest figures).
-
-    Ingest figures: tokens, seconds, tokens reused from ``chunk_cache``, disk bytes per token and,
-    for a fresh read only (nothing reused), ``ingest_tok_s``.
-    """
-    from kvmap.fileio import disk_usage
-    from kvmap.reader import read_into
-    from kvmap.stores import Memory
-
-    memory = Memory.create(path, lm.model_id, lm.port.layout, store=store)
-    reused = chunk_cache.reused_tokens if chunk_cache else 0
-    stats = read_into(lm.port, lm.tokenizer, memory, source, docs, reader_config, progress=False,
-                      chunk_cache=chunk_cache)
-    reused = (chunk_cache.reused_tokens if chunk_cache else 0) - reused
-    ingest = {"tokens": stats.n_tokens, "seconds": stats.seconds, "reused_tokens": reused,
-              "disk_bytes_per_token": disk_usage(memory.path) / max(1, stats.n_tokens)}
-    if reused == 0:  # only fresh reads measure ingest speed
-        ingest["ingest_tok_s"] = stats.tokens_per_s
-    return memory, ingest
-
-
-# ------------------------------------------------------------------------------------------
-# Running one method on a group of examples that share a context.
-
-
-class GroupRunner:
-    """Answers a group's questions with any method; builds shared state (memory, caches) once."""
-
-    def __init__(self, lm, examples: list[Example], workdir, reader_config=None, chunk_cache=None,
-                 store: str = "exact", max_new_tokens: int = 32):
-        self.lm, self.examples = lm, examples
-        self.tok, self.model, self.port = lm.tokenizer, lm.model, lm.port
-        self.workdir, self.reader_config, self.chunk_cache = workdir, reader_config, chunk_cache
-        self.store, self.max_new_tokens = store, max_new_tokens
-        self.window = self.model.config.max_position_embeddings
-        self._memory = None
-        self.ingest: dict = {}
-        self.context_ids = self.tok(examples[0].context, add_special_tokens=False)["input_ids"]
-        self.group_size = len(examples)
-        """How many questions share the context (and its ingest or prefill cost)."""
-
-    # -- shared state -------------------------------------------------------------------------
-
-    def memory(self):
-        """The group's context read into a fresh memory (once); ingest speed kept in ``self.ingest``."""
-        if self._memory is None:
-            self._memory, self.ingest = read_memory(self.lm, self.workdir / "memory", "context",
-                                                    self.examples[0].docs(), self.store, self.reader_config,
-                                                    self.chunk_cache)
-        return self._memory
-
-    def close(self) -> None:
-        import shutil
-
-        if self._memory is not None:
-            shutil.rmtree(self._memory.path, ignore_errors=True)
-            self._memory = None
-
-    # -- methods ------------------------------------------------------------------------------
-
-    def answer(self, method: str) -> list[Generation | str]:
-        """One Generation per example (or a string saying why the method was skipped)."""
-        base, options = parse_method(method)
-        if base.startswith("kvmap-splice"):
-            return self._splice(import_config(method), choice=base.rpartition("-")[2])
-        if base in KVMAP_PRESETS:
-            return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25")
-        opts = {**_BASELINE_OPTIONS.get(base, {}), **options}
-        if base == "none":
-            return [self._plain(ex, None) for ex in self.examples]
-        if base == "oracle":
-            return [self._plain(ex, ex.gold) for ex in self.examples]
-        if base.startswith("rag-"):
-            return self._rag(base[4:], opts["budget"])
-        if base == "full":
-            return self._shared_context(self.context_ids, fits_window=True)
-        if base in ("truncate", "truncate-tail"):
-            return self._shared_context(self._truncated(head=base == "truncate"), fits_window=True)
-        if base == "yarn":
-            return self._yarn(opts["max_tokens"])
-        if base == "streaming":
-            return self._streaming(opts["window"])
-        raise AssertionError(base)
-
-    def _enc(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def _generate(self, ids: list[int], cache=None, **extra) -> Generation:
-        """Greedy answer after ``cache``; ``seconds`` is the answer latency, from the question on.
-
-        A context cost shared by the group (a prefill of the context) goes into ``extra["context_s"]``,
-        not into ``seconds``: the runner divides it over the group's questions, as it does kvmap's ingest.
-        """
-        began = time.perf_counter()
-        gen = greedy(self.model, self.tok, ids, self.max_new_tokens, cache)
-        gen.text, gen.extra = gen.text.strip(), extra
-        gen.seconds = time.perf_counter() - began
-        return gen
-
-    def _plain(self, ex: Example, context: str | None) -> Generation:
-        before, after = prompt_parts(self.tok, ex, context is not None)
-        return self._generate(before + (self._enc(context) if context is not None else []) + after)
-
-    def _rag(self, retriever_name: str, budget: int) -> list[Generation]:
-        from kvmap.eval.rag import rag_context
-        from kvmap.retrieval import make_retriever
-
-        retriever = make_retriever(retriever_name)
-        out = []
-        for ex in self.examples:
-            began = time.perf_counter()
-            passages = rag_context(ex.context, ex.question, retriever, self.tok, budget_tokens=budget)
-            ans = self._plain(ex, passages)
-            ans.extra["retrieved_answer"] = float(contains_answer(passages, ex.answers))
-            ans.seconds = time.perf_counter() - began  # retrieval included
-            out.append(ans)
-        return out
-
-    def _truncated(self, head: bool) -> list[int]:
-        """The context cut to fit the window next to every question and the answer.
-
-        ``head``: the first and the last half of that budget (the whole context when it fits);
-        otherwise the last ``budget`` tokens only.
-        """
-        parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
-        budget = self.window - max(len(b) + len(a) for b, a in parts) - self.max_new_tokens
-        if len(self.context_ids) <= budget:
-            return self.context_ids
-        if not head:
-            return self.context_ids[-budget:]
-        return self.context_ids[:budget // 2] + self.context_ids[-(budget - budget // 2):]
-
-    def _shared_context(self, context_ids: list[int], fits_window: bool) -> list[Generation | str]:
-        """Prefill [before, context] once, then answer each question from a copy of that cache."""
-        befores = {tuple(prompt_parts(self.tok, ex, True)[0]) for ex in self.examples}
-        assert len(befores) == 1, "examples of a group share the prompt start"
-        before = list(befores.pop())
-        total = len(before) + len(context_ids) + max(len(prompt_parts(self.tok, ex, True)[1]) for ex in self.examples)
-        if fits_window and total + self.max_new_tokens > self.window:
-            return [f"{total} prompt tokens exceed the {self.window}-token window"] * len(self.examples)
-        began = time.perf_counter()
-        cache, _ = prefill(self.model, before + context_ids)
-        shared_s = time.perf_counter() - began
-        n = len(before) + len(context_ids)
-        out = []
-        for ex in self.examples:
-            extra = cache.get_seq_length() - n
-            if extra > 0:
-                cache.crop(-extra)  # drop the previous question and answer
-            out.append(self._generate(prompt_parts(self.tok, ex, True)[1], cache, context_s=shared_s,
-                                      context_prefill_tok_s=n / shared_s))
-        return out
-
-    def _yarn(self, max_tokens: int) -> list[Generation | str]:
-        import math
-
-        n = len(self.context_ids) + 200
-        if n > max_tokens:
-            return [f"{n} tokens: above yarn's max_tokens={max_tokens} (full attention cost grows quadratically; "
-                    f"raise with yarn:max_tokens=N)"] * len(self.examples)
-        factor = max(1.0, math.ceil(2 * n / self.window) / 2)
-        with yarn_rope(self.model, factor):
-            answers = self._shared_context(self.context_ids, fits_window=False)
-        for a in answers:
-            if isinstance(a, Generation):
-                a.extra["yarn_factor"] = factor
-        return answers
-
-    def _streaming(self, window: int) -> list[Generation]:
-        """Prompt start (attention sinks) + the last ``window`` context tokens as streamed by the reader."""
-        memory = self.memory()
-        tail = torch.arange(max(0, memory.n_tokens - window), memory.n_tokens)
-        return [self._spliced_answer(ex, tail, 0.0) for ex in self.examples]
-
-    def _spliced_answer(self, ex: Example, ids, chose_s: float) -> Generation:
-        """Answer with memory tokens' K/V placed where a text baseline's context goes (see kvmap.splice)."""
-        from kvmap.splice import spliced_cache
-
-        before, after = prompt_parts(self.tok, ex, True)
-        began = time.perf_counter()
-        cache, _ = spliced_cache(self.port, self.memory(), before, ids)
-        answer = self._generate(after, cache)
-        answer.seconds = time.perf_counter() - began + chose_s  # choosing and splicing follow the question
-        return answer
-
-    def _splice(self, config: ImportConfig, choice: str) -> list[Generation]:
-        """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice."""
-        from kvmap.splice import bm25_blocks, choose_blocks
-
-        memory = self.memory()
-        out = []
-        for ex in self.examples:
-            began = time.perf_counter()
-            before, _ = prompt_parts(self.tok, ex, False)
-            if choice == "bm25":
-                ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours)
-            elif choice == "layerwise":
-                with torch.no_grad(), self.port.importing(memory, config) as trace:
-                    self.model(torch.tensor(before)[None], use_cache=False)
-                ids = dict(trace.blocks)
-            else:  # the question's tokens and the assistant turn's opening vote, summed over layers
-                ids = choose_blocks(self.port, memory, before, config, select_last=len(self._enc(ex.question)) + 6)
-            answer = self._spliced_answer(ex, ids, time.perf_counter() - began)
-            first = ids if isinstance(ids, torch.Tensor) else next(iter(ids.values()))[0]  # layer 0, head 0
-            texts = memory.token_texts()
-            answer.extra["retrieved_answer"] = float(contains_answer("".join(texts[i] for i in first.tolist()),
-                                                                     ex.answers))
-            out.append(answer)
-        return out
-
-    def _kvmap(self, config: ImportConfig, text_choice: bool = False) -> list[Generation]:
-        memory = self.memory()
-        out = []
-        for ex in self.examples:
-            before, _ = prompt_parts(self.tok, ex, False)
-            began = time.perf_counter()
-            if text_choice:
-                from kvmap.splice import bm25_block_ids
-
-                blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
-                config = config.with_options(fixed_blocks=tuple(blocks))
-            with self.port.importing(memory, config):
-                answer = self._generate(before)
-            answer.seconds = time.perf_counter() - began
-            out.append(answer)
-        return out
 
 
 @contextlib.contextmanager

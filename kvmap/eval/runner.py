@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvmap.errors import InputError
-from kvmap.eval.methods import GroupRunner, check_methods
+from kvmap.eval.group import GroupRunner
+from kvmap.eval.methods import check_methods
 from kvmap.eval.runfiles import append_jsonl, read_jsonl
 from kvmap.eval.scoring import score
 from kvmap.eval.tasks import make_examples

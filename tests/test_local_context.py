@@ -1,0 +1,47 @@
+"""kvmap methods with ``local=N``: the most recent context stays ordinary attention context, only what
+lies before it goes to memory; where everything fits, a kvmap method reads the context as truncation does."""
+from __future__ import annotations
+
+import pytest
+
+from kvmap.errors import InputError
+from kvmap.eval.methods import check_methods, import_config, local_tokens
+
+
+def test_local_is_a_runner_option_of_every_kvmap_method():
+    assert local_tokens("kvmap:local=4096:top_k=8") == 4096 and local_tokens("kvmap-splice-bm25") == 0
+    assert import_config("kvmap:local=4096:top_k=8").top_k == 8  # not an ImportConfig field
+    for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"]):
+        with pytest.raises(InputError):
+            check_methods(bad)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from kvmap.models.loading import load_model
+
+    return load_model()
+
+
+def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_splits(lm, tmp_path):
+    from kvmap.eval.group import GroupRunner, prompt_parts
+    from kvmap.eval.tasks import make_examples
+
+    examples = make_examples("niah", lm.tokenizer, 700, 1, part="test")
+    runner = GroupRunner(lm, examples, tmp_path, max_new_tokens=8)
+    try:
+        tail = runner.answer("truncate-tail")[0]
+        for method in ("kvmap:local=8000", "kvmap-splice-bm25:local=8000", "kvmap-block:local=8000"):
+            got = runner.answer(method)[0]
+            assert got.text == tail.text, method  # same prompt, no memory: the same greedy answer
+            assert runner.ingest == {}
+        # a window of 300 tokens left for the context: the rest is read into a memory of what lies before
+        prompt = max(len(b) + len(a) for b, a in (prompt_parts(lm.tokenizer, ex, True) for ex in examples))
+        runner.window = 300 + prompt + runner.max_new_tokens
+        answer = runner.answer("kvmap:local=8000")[0]
+        assert answer.text and runner.ingest["tokens"] > 0
+        assert runner.ingest["tokens"] < len(runner.context_ids) - 250  # only the context before the tail
+        assert runner.answer("kvmap-splice-bm25:local=8000:n_blocks=1:block_size=16")[0].text
+    finally:
+        runner.close()
+    assert not list(tmp_path.glob("memory-*"))
