@@ -183,6 +183,11 @@ class ImportTrace:
     """Block retrieval: layer -> (Hkv, M) memory ids of the tokens chosen for that layer's KV heads."""
     block_mass: dict[int, torch.Tensor] = field(default_factory=dict)
     """Block retrieval: layer -> (Hkv, n_blocks) attention mass the choosing queries gave each block."""
+    keep_shares: bool = False
+    """Set it to record, at every forward of token-level import, each query head's share of attention
+    that went to memories and the memory it attended most (:attr:`shares`; for diagnosis, it costs a little)."""
+    shares: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    """With ``keep_shares``: layer -> one (share (Hq, T) float32, most-attended memory id (Hq, T) int64) per forward."""
     _pending: list = field(default_factory=list, repr=False)
     _pending_size: int = field(default=0, repr=False)
     _hits: dict[int, float] = field(default_factory=dict, repr=False)

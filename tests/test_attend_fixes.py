@@ -219,3 +219,24 @@ def test_import_config_round_trips_its_flat_options():
     assert ImportConfig().mode == "tokens"
     assert ImportConfig.from_options(reuse=4).mode == "reuse"
     assert ImportConfig.from_options(block_size=4).mode == "blocks"
+
+
+def test_the_trace_records_each_heads_share_of_attention_on_memories():
+    import torch
+
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.ports import ImportConfig
+    from tests.conftest import BruteForceMemory, export_kv, tiny_llama
+
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(1, 128, (1, 12))
+    keys, values = export_kv(port, ids)
+    memory = BruteForceMemory(keys, values)
+    with torch.no_grad(), port.importing(memory, ImportConfig.from_options(top_k=4)) as trace:
+        trace.keep_shares = True
+        model(torch.randint(1, 128, (1, 5)))
+    assert set(trace.shares) == {0, 1}
+    share, top = trace.shares[0][0]
+    assert share.shape == (4, 5) and top.shape == (4, 5)  # (query heads, tokens)
+    assert bool(((share > 0) & (share < 1)).all()) and bool(((top >= 0) & (top < 12)).all())

@@ -93,3 +93,15 @@ def test_prose_placeholders_are_filled_from_the_runs(tmp_path, capsys):
     assert "kvmap found 3/4 (75.0%), +75.0 [" in text
     assert "**[no such cell: score passkey test 1000 kvmap]**" in text
     assert "names no cell" in capsys.readouterr().err
+
+
+def test_the_diagnosis_section_reads_the_attention_shares(tmp_path):
+    (tmp_path / "runs" / "diagnosis").mkdir(parents=True)
+    rows = [{"id": "niah-1", "output": "the wood", "answers": ["1"], "share_layer_head": [[0.5, 0.1], [0.9, 0.3]],
+             "share_per_step": [0.2, 0.4], "top_on_target": 0.25, "target_tokens": 9,
+             "most_attended": [[" the", 40], [".", 7]]}]
+    (tmp_path / "runs" / "diagnosis" / "attention_share.json").write_text(json.dumps(
+        {"length": 16000, "n": 1, "part": "dev", "model": "m", "seconds": 60, "tasks": {"niah": rows}}))
+    text = report(tmp_path)
+    assert "| niah | `niah-1` | 30% | 25% | 'the wood' | `the` ×40, `.` ×7 |" in text
+    assert (tmp_path / "docs" / "plots" / "results_diagnosis_share.png").stat().st_size > 1000

@@ -54,6 +54,10 @@ def build_report(runs: Path, out: Path) -> str:
         from kvmap.eval.report_scale import scale_section
 
         lines += scale_section(runs / "scale", out.parent)
+    if (runs / "diagnosis" / "attention_share.json").exists():
+        from kvmap.eval.report_diagnosis import diagnosis_section
+
+        lines += diagnosis_section(runs / "diagnosis" / "attention_share.json", out.parent)
     discussion = runs / "DISCUSSION.md"
     if discussion.exists():  # prose written by us, kept next to the runs it discusses
         text, more = fill_claims(discussion.read_text().strip(), sections)

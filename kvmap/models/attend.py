@@ -158,9 +158,19 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     state.trace.record(ids)
 
     probs = torch.softmax(torch.cat([mem_logits, local.float()], dim=-1), dim=-1)  # (Hkv, r, T, k + S)
+    if state.trace.keep_shares:
+        _record_shares(state.trace, layer, probs[..., :k], ids.reshape(n_kv, r, t, k))
     out = torch.matmul(probs[..., None, :k], mem_v.reshape(n_kv, r, t, k, d))[..., 0, :].to(q.dtype)  # (Hkv, r, T, d)
     out = out + torch.matmul(probs[..., k:].to(q.dtype), v_all[0][:, None])
     return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
+
+
+def _record_shares(trace, layer: int, mem_probs: torch.Tensor, ids: torch.Tensor) -> None:
+    """Per query head: the attention share of the memories and the most-attended one. mem_probs, ids: (Hkv, r, T, k)."""
+    n_kv, r, t, _ = mem_probs.shape
+    top = ids.gather(-1, mem_probs.argmax(-1, keepdim=True))[..., 0]  # (Hkv, r, T)
+    trace.shares.setdefault(layer, []).append((mem_probs.sum(-1).reshape(n_kv * r, t).detach().cpu(),
+                                               top.reshape(n_kv * r, t).cpu()))
 
 
 def _decode_among_candidates(state: RetrievalState, layer: int, q: torch.Tensor, q_rot: torch.Tensor,
