@@ -98,14 +98,16 @@ class GroupRunner:
         self.ingest = self._ingests[local]
         return self._memories[local]
 
-    def _local_tail(self, local: int, reserve: int = 0) -> int:
-        """How many of the last context tokens stay in the prompt for a ``local`` option: at most ``local``,
-        and what fits the window next to every question's prompt, the answer and ``reserve`` spliced tokens."""
-        if local == 0:
-            return 0
-        parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
-        room = self.window - max(len(b) + len(a) for b, a in parts) - self.max_new_tokens - reserve
-        return max(0, min(local, len(self.context_ids), room))
+    def _split_context(self, local: int, reserve: int = 0) -> tuple[object | None, list[int]]:
+        """(memory of what lies before the tail, the tail): the last context tokens a ``local`` option keeps in
+        the prompt, at most ``local`` and what fits the window next to every question's prompt, the answer and
+        ``reserve`` spliced tokens; the memory is ``None`` when the tail is the whole context."""
+        n = 0
+        if local:
+            parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
+            room = self.window - max(len(b) + len(a) for b, a in parts) - self.max_new_tokens - reserve
+            n = max(0, min(local, len(self.context_ids), room))
+        return self.memory(n), self.context_ids[len(self.context_ids) - n:] if n else []
 
     def close(self) -> None:
         import shutil
@@ -248,8 +250,7 @@ class GroupRunner:
         from kvmap.splice import bm25_blocks, choose_blocks
 
         blocks = config.blocks
-        n_local = self._local_tail(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
-        memory, tail = self.memory(n_local), self.context_ids[len(self.context_ids) - n_local:] if n_local else []
+        memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         out = []
@@ -273,14 +274,13 @@ class GroupRunner:
         return out
 
     def _kvmap(self, config: ImportConfig, text_choice: bool = False, local: int = 0) -> list[Generation]:
-        n_local = self._local_tail(local)
-        memory, tail = self.memory(n_local), self.context_ids[len(self.context_ids) - n_local:] if n_local else []
+        memory, tail = self._split_context(local)
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         out = []
         for ex in self.examples:
-            before, after = prompt_parts(self.tok, ex, bool(n_local))
-            before = before + tail + after if n_local else before
+            before, after = prompt_parts(self.tok, ex, bool(tail))
+            prompt = before + tail + after if tail else before
             began = time.perf_counter()
             if text_choice:
                 from kvmap.splice import bm25_block_ids
@@ -288,7 +288,7 @@ class GroupRunner:
                 blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
                 config = config.with_options(fixed_blocks=tuple(blocks))
             with self.port.importing(memory, config):
-                answer = self._generate(before)
+                answer = self._generate(prompt)
             answer.seconds = time.perf_counter() - began
             out.append(answer)
         return out
