@@ -92,7 +92,7 @@ def test_prose_placeholders_are_filled_from_the_runs(tmp_path, capsys):
     text = report(tmp_path)
     assert "kvmap found 3/4 (75.0%), +75.0 [" in text
     assert "**[no such cell: score passkey test 1000 kvmap]**" in text
-    assert "names no cell" in capsys.readouterr().err
+    assert "names nothing in these runs" in capsys.readouterr().err
 
 
 def test_the_diagnosis_section_reads_the_attention_shares(tmp_path):
@@ -105,3 +105,14 @@ def test_the_diagnosis_section_reads_the_attention_shares(tmp_path):
     text = report(tmp_path)
     assert "| niah | `niah-1` | 30% | 25% | 'the wood' | `the` ×40, `.` ×7 |" in text
     assert (tmp_path / "docs" / "plots" / "results_diagnosis_share.png").stat().st_size > 1000
+
+
+def test_json_placeholders_read_fields_of_run_files(tmp_path, capsys):
+    (tmp_path / "runs" / "scale" / "m").mkdir(parents=True)
+    (tmp_path / "runs" / "scale" / "m" / "r.json").write_text(json.dumps({"speed": {"ratio": 1.2407}, "xs": [3, 4]}))
+    (tmp_path / "runs" / "DISCUSSION.md").write_text(
+        "ratio {{json scale/m/r.json speed.ratio .2f}}x, second {{json scale/m/r.json xs.1}}, "
+        "{{json scale/m/r.json speed.nope}} {{json ../secret.json a}}")
+    text = report(tmp_path)
+    assert "ratio 1.24x, second 4, **[no such field: scale/m/r.json speed.nope]** **[no such field: ../secret.json a]**" in text
+    assert capsys.readouterr().err.count("names nothing") == 2

@@ -40,7 +40,7 @@ def build_report(runs: Path, out: Path) -> str:
     missing: list[str] = []
     summary = runs / "SUMMARY.md"
     if summary.exists():  # the headline claims, written by us, their numbers filled in from the runs
-        text, missing = fill_claims(summary.read_text().strip(), sections)
+        text, missing = fill_claims(summary.read_text().strip(), sections, runs)
         lines += [text, ""]
     for sweep in sweeps:
         lines += sweep_table(sweep)
@@ -60,11 +60,11 @@ def build_report(runs: Path, out: Path) -> str:
         lines += diagnosis_section(runs / "diagnosis" / "attention_share.json", out.parent)
     discussion = runs / "DISCUSSION.md"
     if discussion.exists():  # prose written by us, kept next to the runs it discusses
-        text, more = fill_claims(discussion.read_text().strip(), sections)
+        text, more = fill_claims(discussion.read_text().strip(), sections, runs)
         lines += ["", text, ""]
         missing += more
     for placeholder in missing:
-        print(f"kvmap report: warning: {placeholder} names no cell of these runs", file=sys.stderr)
+        print(f"kvmap report: warning: {placeholder} names nothing in these runs", file=sys.stderr)
     text = "\n".join(lines)
     out.write_text(text)
     return text
