@@ -85,7 +85,7 @@ class RetrievalReuse:
         _at_least("reuse_block_size", self.block_size, 1)
 
 
-_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk")
+_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "memory_cap")
 _BLOCK_OPTIONS = {"block_size": "size", "n_blocks": "n_blocks", "neighbours": "neighbours",
                   "fixed_blocks": "fixed"}
 _REUSE_OPTIONS = {"reuse": "candidates", "reuse_next": "next", "reuse_next_best": "next_best",
@@ -127,9 +127,18 @@ class ImportConfig:
     """Retrieval reuse settings; None: search the store at every forward."""
     search_chunk: int = 256
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""
+    memory_cap: int = 100
+    """The largest share of a query's attention, in percent, that imported memories may take (token
+    retrieval and reuse): above it their weights are scaled down to the cap and the local ones up, so
+    that a head cannot leave its own context for memories entirely. 100: no cap."""
 
     def __post_init__(self) -> None:
         _at_least("top_k", self.top_k, 1)
+        _at_least("memory_cap", self.memory_cap, 1)
+        if self.memory_cap > 100:
+            raise InputError(f"memory_cap is a percentage of attention, 1 to 100, got {self.memory_cap}")
+        if self.memory_cap < 100 and self.blocks is not None:
+            raise InputError("memory_cap applies to token retrieval and reuse, not to block retrieval")
         _at_least("distance", self.distance, 0)
         _at_least("search_chunk", self.search_chunk, 1)
         if self.placement not in PLACEMENTS:
@@ -186,7 +195,8 @@ class ImportConfig:
         return ImportConfig.from_options(**{**self.options(), **options})
 
     def options(self) -> dict:
-        """The flat options this config stands for (every name of :data:`OPTION_NAMES`; 0 where a mode is off)."""
+        """The flat options this config stands for (every name of :data:`OPTION_NAMES`, 0 where a mode is off;
+        ``memory_cap`` only when set, so that configs written before it existed still compare equal)."""
         blocks, reuse = self.blocks, self.reuse
         return {
             "top_k": self.top_k, "distance": self.distance, "layers": self.layers, "placement": self.placement,
@@ -197,7 +207,7 @@ class ImportConfig:
             "reuse": reuse.candidates if reuse else 0, "reuse_next": reuse.next if reuse else 0,
             "reuse_next_best": reuse.next_best if reuse else 0, "reuse_blocks": reuse.blocks if reuse else 0,
             "reuse_block_size": reuse.block_size if reuse else 32, "search_chunk": self.search_chunk,
-        }
+        } | ({"memory_cap": self.memory_cap} if self.memory_cap != 100 else {})  # run files before it lack it
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

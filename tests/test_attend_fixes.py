@@ -240,3 +240,37 @@ def test_the_trace_records_each_heads_share_of_attention_on_memories():
     share, top = trace.shares[0][0]
     assert share.shape == (4, 5) and top.shape == (4, 5)  # (query heads, tokens)
     assert bool(((share > 0) & (share < 1)).all()) and bool(((top >= 0) & (top < 12)).all())
+
+
+def test_memory_cap_bounds_the_memories_share_and_keeps_rows_normalised():
+    import torch
+
+    from kvmap.errors import InputError
+    from kvmap.models.attend import _cap_memory_share
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.ports import ImportConfig
+    from tests.conftest import BruteForceMemory, export_kv, tiny_llama
+
+    probs = torch.softmax(torch.randn(2, 3, 4, 9) * 3, dim=-1)  # (Hkv, r, T, k + S), k = 4
+    capped = _cap_memory_share(probs, 4, 0.3)
+    assert torch.allclose(capped.sum(-1), torch.ones(2, 3, 4), atol=1e-6)
+    assert bool((capped[..., :4].sum(-1) <= 0.3 + 1e-6).all())
+    under = probs[..., :4].sum(-1) <= 0.3
+    assert torch.allclose(capped[under], probs[under])  # rows under the cap are left as they were
+    for bad in (0, 101):
+        with pytest.raises(InputError):
+            ImportConfig.from_options(memory_cap=bad)
+    assert ImportConfig().options() == ImportConfig(memory_cap=100).options() and "memory_cap" not in ImportConfig().options()
+
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    keys, values = export_kv(port, torch.randint(1, 128, (1, 12)))
+    memory = BruteForceMemory(keys, values)
+    prompt = torch.randint(1, 128, (1, 5))
+    with torch.no_grad():
+        for cap in (100, 10):
+            with port.importing(memory, ImportConfig.from_options(top_k=4, memory_cap=cap)) as trace:
+                trace.keep_shares = True
+                model(prompt)
+            share = torch.stack([s for layer in trace.shares.values() for s, _ in layer])
+            assert bool((share <= cap / 100 + 1e-5).all()), cap

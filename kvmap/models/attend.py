@@ -106,7 +106,7 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     n_kv, s = k_all.shape[1], k_all.shape[2]
     r = n_q // n_kv  # query heads per KV head (GQA group)
     scale = attn.scaling
-    if FAST_DECODE and state.mode == "reuse" and t == 1 and layer in state.candidates \
+    if FAST_DECODE and state.mode == "reuse" and t == 1 and layer in state.candidates and cfg.memory_cap == 100 \
             and cfg.placement == "ordered" and getattr(attn, "sliding_window", None) is None:
         return _decode_among_candidates(state, layer, q, q_rot, k_all, v_all, scale)
 
@@ -158,11 +158,24 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     state.trace.record(ids)
 
     probs = torch.softmax(torch.cat([mem_logits, local.float()], dim=-1), dim=-1)  # (Hkv, r, T, k + S)
+    if cfg.memory_cap < 100:
+        probs = _cap_memory_share(probs, k, cfg.memory_cap / 100)
     if state.trace.keep_shares:
         _record_shares(state.trace, layer, probs[..., :k], ids.reshape(n_kv, r, t, k))
     out = torch.matmul(probs[..., None, :k], mem_v.reshape(n_kv, r, t, k, d))[..., 0, :].to(q.dtype)  # (Hkv, r, T, d)
     out = out + torch.matmul(probs[..., k:].to(q.dtype), v_all[0][:, None])
     return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
+
+
+def _cap_memory_share(probs: torch.Tensor, k: int, cap: float) -> torch.Tensor:
+    """Attention weights (..., k + S) whose first k (the memories) sum to at most ``cap``: where they sum
+    to more, they are scaled down to it and the local weights up by the same mass, so every row still
+    sums to 1 and keeps its order within each part."""
+    mem = probs[..., :k].sum(-1, keepdim=True)  # (..., 1)
+    over = mem > cap
+    mem_scale = torch.where(over, cap / mem.clamp_min(1e-12), torch.ones_like(mem))
+    local_scale = torch.where(over, (1 - cap) / (1 - mem).clamp_min(1e-12), torch.ones_like(mem))
+    return torch.cat([probs[..., :k] * mem_scale, probs[..., k:] * local_scale], dim=-1)
 
 
 def _record_shares(trace, layer: int, mem_probs: torch.Tensor, ids: torch.Tensor) -> None:
