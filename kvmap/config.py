@@ -85,7 +85,7 @@ class RetrievalReuse:
         _at_least("reuse_block_size", self.block_size, 1)
 
 
-_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "memory_cap")
+_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "memory_cap", "heads")
 _BLOCK_OPTIONS = {"block_size": "size", "n_blocks": "n_blocks", "neighbours": "neighbours",
                   "fixed_blocks": "fixed"}
 _REUSE_OPTIONS = {"reuse": "candidates", "reuse_next": "next", "reuse_next_best": "next_best",
@@ -127,6 +127,10 @@ class ImportConfig:
     """Retrieval reuse settings; None: search the store at every forward."""
     search_chunk: int = 256
     """Query vectors searched per call, bounding the (queries x memory) score matrix."""
+    heads: tuple[tuple[int, int], ...] | None = None
+    """Query heads that import, as (layer, query head) pairs (Retrieval-Head / DuoAttention style: only the
+    heads measured to retrieve read memories, the others keep their own context); ``None``: every head of
+    every importing layer. A layer with none of its heads listed does not import."""
     memory_cap: int = 100
     """The largest share of a query's attention, in percent, that imported memories may take (token
     retrieval and reuse): above it their weights are scaled down to the cap and the local ones up, so
@@ -137,6 +141,13 @@ class ImportConfig:
         _at_least("memory_cap", self.memory_cap, 1)
         if self.memory_cap > 100:
             raise InputError(f"memory_cap is a percentage of attention, 1 to 100, got {self.memory_cap}")
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(sorted({(int(l), int(h)) for l, h in self.heads})))
+            for layer, head in self.heads:
+                _at_least("heads entries", layer, 0)
+                _at_least("heads entries", head, 0)
+            if self.blocks is not None:
+                raise InputError("heads applies to token retrieval and reuse, not to block retrieval")
         if self.memory_cap < 100 and self.blocks is not None:
             raise InputError("memory_cap applies to token retrieval and reuse, not to block retrieval")
         _at_least("distance", self.distance, 0)
@@ -196,7 +207,7 @@ class ImportConfig:
 
     def options(self) -> dict:
         """The flat options this config stands for (every name of :data:`OPTION_NAMES`, 0 where a mode is off;
-        ``memory_cap`` only when set, so that configs written before it existed still compare equal)."""
+        ``memory_cap`` and ``heads`` only when set, so that configs written before they existed still compare equal)."""
         blocks, reuse = self.blocks, self.reuse
         return {
             "top_k": self.top_k, "distance": self.distance, "layers": self.layers, "placement": self.placement,
@@ -207,7 +218,8 @@ class ImportConfig:
             "reuse": reuse.candidates if reuse else 0, "reuse_next": reuse.next if reuse else 0,
             "reuse_next_best": reuse.next_best if reuse else 0, "reuse_blocks": reuse.blocks if reuse else 0,
             "reuse_block_size": reuse.block_size if reuse else 32, "search_chunk": self.search_chunk,
-        } | ({"memory_cap": self.memory_cap} if self.memory_cap != 100 else {})  # run files before it lack it
+        } | ({"memory_cap": self.memory_cap} if self.memory_cap != 100 else {}) \
+            | ({"heads": self.heads} if self.heads is not None else {})  # run files before them lack both
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -223,6 +235,22 @@ def parse_layers(text: str) -> tuple[int, ...]:
     if not layers:
         raise InputError(f"layers '{text}' names no layer; write e.g. 0-14, 0-28/2 or 3+7+20-29")
     return tuple(sorted(layers))
+
+
+def parse_heads(text: str) -> tuple[tuple[int, int], ...]:
+    """``"17.3+20.5"`` -> ((17, 3), (20, 5)): (layer, query head) pairs (InputError if malformed)."""
+    try:
+        pairs = [tuple(int(x) for x in part.split(".")) for part in text.split("+")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise InputError(f"heads '{text}' is not a head list; write LAYER.HEAD pairs joined by +, e.g. 17.3+20.5")
+    return tuple(sorted(set(pairs)))
+
+
+def format_heads(heads: tuple[tuple[int, int], ...] | None) -> str:
+    """Inverse of :func:`parse_heads`; ``None`` -> ``"all"``."""
+    return "all" if heads is None else "+".join(f"{layer}.{head}" for layer, head in heads)
 
 
 def format_layers(layers: tuple[int, ...] | None) -> str:

@@ -274,3 +274,34 @@ def test_memory_cap_bounds_the_memories_share_and_keeps_rows_normalised():
                 model(prompt)
             share = torch.stack([s for layer in trace.shares.values() for s, _ in layer])
             assert bool((share <= cap / 100 + 1e-5).all()), cap
+
+
+def test_only_the_listed_heads_read_memories():
+    import torch
+
+    from kvmap.config import format_heads, parse_heads
+    from kvmap.errors import InputError
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.ports import ImportConfig
+    from tests.conftest import BruteForceMemory, export_kv, tiny_llama
+
+    assert parse_heads("1.3+0.2+0.2") == ((0, 2), (1, 3)) and format_heads(((0, 2), (1, 3))) == "0.2+1.3"
+    for bad in ("3", "a.b", "1.2.3", ""):
+        with pytest.raises(InputError):
+            parse_heads(bad)
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    keys, values = export_kv(port, torch.randint(1, 128, (1, 12)))
+    memory = BruteForceMemory(keys, values)
+    prompt = torch.randint(1, 128, (1, 5))
+    with torch.no_grad():
+        plain = model(prompt).logits
+        with port.importing(memory, ImportConfig.from_options(top_k=4, heads=((0, 1),))) as trace:
+            trace.keep_shares = True
+            listed = model(prompt).logits
+        with port.importing(memory, ImportConfig.from_options(top_k=4)):
+            every = model(prompt).logits
+    assert set(trace.shares) == {0}  # layer 1 lists no head: it does not import
+    share = trace.shares[0][0][0]  # (query heads, tokens)
+    assert bool((share[1] > 0).all()) and float(share[[0, 2, 3]].abs().max()) == 0.0
+    assert not torch.allclose(listed, plain) and not torch.allclose(listed, every)

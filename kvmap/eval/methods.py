@@ -23,6 +23,7 @@ import contextlib
 import copy
 
 from kvmap.errors import InputError
+from kvmap.config import parse_heads
 from kvmap.ports import OPTION_NAMES, ImportConfig, parse_layers
 from kvmap.presets import SPLICE, TOKEN_IMPORT
 
@@ -73,6 +74,8 @@ def parse_method(name: str) -> tuple[str, dict]:
                              f"options of {base}: {', '.join(sorted(allowed)) or 'none'}")
         if key == "layers":  # e.g. layers=0-14, layers=0-28/2 or layers=3+7+9
             options[key] = parse_layers(value)
+        elif key == "heads":  # e.g. heads=17.3+20.5
+            options[key] = parse_heads(value)
         elif key == "placement":
             options[key] = value
         else:

@@ -70,7 +70,21 @@ class RetrievalState(PortState):
     def imports(self, layer: int) -> bool:
         if self.memory is None or self.memory.n_tokens == 0:
             return False
+        heads = self.config.heads
+        if heads is not None and not any(l == layer for l, _ in heads):
+            return False
         return self.config.layers is None or layer in self.config.layers
+
+    def head_mask(self, layer: int, n_q: int) -> torch.Tensor | None:
+        """(Hq,) bool: the query heads of ``layer`` that import (``None``: all of them)."""
+        if self.config.heads is None:
+            return None
+        key = ("heads", layer, n_q)
+        if key not in self.rotations:
+            mask = torch.zeros(n_q, dtype=torch.bool)
+            mask[[h for l, h in self.config.heads if l == layer and h < n_q]] = True
+            self.rotations[key] = mask
+        return self.rotations[key]
 
 
 FAST_DECODE = True
@@ -107,6 +121,7 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     r = n_q // n_kv  # query heads per KV head (GQA group)
     scale = attn.scaling
     if FAST_DECODE and state.mode == "reuse" and t == 1 and layer in state.candidates and cfg.memory_cap == 100 \
+            and cfg.heads is None \
             and cfg.placement == "ordered" and getattr(attn, "sliding_window", None) is None:
         return _decode_among_candidates(state, layer, q, q_rot, k_all, v_all, scale)
 
@@ -155,6 +170,9 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     if padded:
         mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
     mem_logits = mem_logits.reshape(n_kv, r, t, k)  # (Hkv, r, T, k)
+    head_mask = state.head_mask(layer, n_q)
+    if head_mask is not None:  # heads not listed read no memories (query head i is (i // r, i % r) here)
+        mem_logits = mem_logits.masked_fill(~head_mask.to(mem_logits.device).view(n_kv, r, 1, 1), float("-inf"))
     state.trace.record(ids)
 
     probs = torch.softmax(torch.cat([mem_logits, local.float()], dim=-1), dim=-1)  # (Hkv, r, T, k + S)
