@@ -5,7 +5,9 @@ head attends most, on passkey (filler), NIAH in tales and FairytaleQA (dev part,
 For every example the context is read into a memory, the question is answered with token-level import
 (``kvmap``, the seed's method), and the trace records each forward's shares (:attr:`ImportTrace.keep_shares`).
 A memory is "on target" when its token lies inside the needle sentence (passkey, NIAH) or the gold passage
-(FairytaleQA). Writes runs/diagnosis/attention_share.json; ``kvmap report`` draws it.
+(FairytaleQA). The heads whose most-attended memory is most often on target in passkey and NIAH are the
+retrieval heads (``retrieval_heads``, printed as a ``kvmap:heads=...`` method; dev data only). Writes
+runs/diagnosis/attention_share.json; ``kvmap report`` draws it.
 
     python benchmarks/memory_attention_share.py [--length 16000] [--n 3] [--out runs/diagnosis]
 """
@@ -58,11 +60,27 @@ def diagnose(lm, ex, workdir: Path, max_new_tokens: int) -> dict:
     tops = Counter(int(i) for layer in layers for _, top in trace.shares[layer][1:] for i in top.flatten().tolist())
     offsets = memory.offsets(torch.tensor(list(tops))).tolist()
     on = sum(c for (i, c), off in zip(tops.items(), offsets) if off in on_target)
+    target = torch.tensor(sorted(on_target) or [-1])
+    on_by_head = torch.stack([  # (L, Hq): share of decode steps whose most-attended memory is on target
+        torch.isin(memory.offsets(torch.cat([top for _, top in trace.shares[layer][1:]], dim=1)), target).float().mean(1)
+        for layer in layers])
     texts = memory.token_texts()
     return {"id": ex.id, "output": text.strip(), "answers": ex.answers, "share_layer_head": share.tolist(),
             "share_per_step": per_step.tolist(), "top_on_target": on / max(1, sum(tops.values())),
+            "on_target_layer_head": on_by_head.tolist(),
             "target_tokens": len(on_target),
             "most_attended": [[texts[i], c] for i, c in tops.most_common(12)]}
+
+
+def retrieval_heads(diagnosis: dict, tasks=("passkey", "niah"), n: int = 16) -> list[tuple[int, int]]:
+    """The ``n`` (layer, query head) pairs whose most-attended memory is most often on target, averaged over
+    the examples of ``tasks`` (Retrieval-Head style scores; choose them on dev data only)."""
+    import numpy as np
+
+    grids = [np.array(r["on_target_layer_head"]) for t in tasks for r in diagnosis["tasks"].get(t, [])]
+    mean = np.mean(grids, axis=0)  # (L, Hq)
+    best = np.argsort(-mean, axis=None, kind="stable")[:n]
+    return sorted((int(i // mean.shape[1]), int(i % mean.shape[1])) for i in best if mean.flat[i] > 0)
 
 
 def main() -> None:
@@ -93,8 +111,12 @@ def main() -> None:
     out["seconds"] = round(time.perf_counter() - began, 1)
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
+    out["retrieval_heads"] = retrieval_heads(out)
     (path / "attention_share.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {path / 'attention_share.json'} ({out['seconds']:.0f} s)")
+    from kvmap.config import format_heads
+
+    print(f"wrote {path / 'attention_share.json'} ({out['seconds']:.0f} s); retrieval heads on this dev data: "
+          f"kvmap:heads={format_heads(tuple(map(tuple, out['retrieval_heads'])))}")
 
 
 if __name__ == "__main__":
