@@ -116,3 +116,12 @@ def test_json_placeholders_read_fields_of_run_files(tmp_path, capsys):
     text = report(tmp_path)
     assert "ratio 1.24x, second 4, **[no such field: scale/m/r.json speed.nope]** **[no such field: ../secret.json a]**" in text
     assert capsys.readouterr().err.count("names nothing") == 2
+
+
+def test_the_grid_cost_table_sums_the_measured_slices(tmp_path):
+    (tmp_path / "runs" / "grid").mkdir(parents=True)
+    (tmp_path / "runs" / "grid" / "timing.jsonl").write_text(
+        '{"slice": "1-a", "wall_s": 3600, "cpu_s": 7200, "finished": "t1"}\n'
+        '{"slice": "2-b", "wall_s": 1800, "cpu_s": 3600, "finished": "t2"}\n')
+    text = report(tmp_path)
+    assert "| 1-a | 1.00 | 2.00 | t1 |" in text and "| all finished | 1.50 | 3.00 | |" in text

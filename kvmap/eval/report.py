@@ -24,6 +24,21 @@ def sweep_table(sweep: dict) -> list[str]:
     return lines + [""]
 
 
+def grid_cost(timing: Path) -> list[str]:
+    """What each finished slice of the test-part grid (``make bench``) took, measured: wall and CPU hours."""
+    if not timing.exists():
+        return []
+    rows = [json.loads(line) for line in timing.read_text().splitlines() if line.strip()]
+    lines = ["## The test-part grid: what it cost", "",
+             "Each finished slice of `make bench` (`kvmap/eval/grid.py`), as measured on this 2-core CPU (a slice "
+             "resumed after a stop counts only the part run in its last call):", "",
+             "| slice | wall h | CPU h | finished |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['slice']} | {r['wall_s'] / 3600:.2f} | {r['cpu_s'] / 3600:.2f} | {r['finished']} |")
+    total_wall, total_cpu = sum(r["wall_s"] for r in rows), sum(r["cpu_s"] for r in rows)
+    return lines + [f"| all finished | {total_wall / 3600:.2f} | {total_cpu / 3600:.2f} | |", ""]
+
+
 def build_report(runs: Path, out: Path) -> str:
     """Write ``out`` (markdown) and its plots (under ``docs/plots`` beside it) from the run files under ``runs``."""
     grid_runs = sorted(f.parent for f in runs.rglob("config.yaml")  # runs of the generic harness
@@ -44,6 +59,7 @@ def build_report(runs: Path, out: Path) -> str:
         lines += [text, ""]
     for sweep in sweeps:
         lines += sweep_table(sweep)
+    lines += grid_cost(runs / "grid" / "timing.jsonl")
     lines += grid_sections(sections, out.parent)
     bridges = sorted(runs.rglob("bridges/*/metrics.json"))
     if bridges:
