@@ -112,10 +112,10 @@ def test_json_placeholders_read_fields_of_run_files(tmp_path, capsys):
     (tmp_path / "runs" / "scale" / "m" / "r.json").write_text(json.dumps({"speed": {"ratio": 1.2407}, "xs": [3, 4]}))
     (tmp_path / "runs" / "DISCUSSION.md").write_text(
         "ratio {{json scale/m/r.json speed.ratio .2f}}x, second {{json scale/m/r.json xs.1}}, "
-        "{{json scale/m/r.json speed.nope}} {{json ../secret.json a}}")
+        "{{json scale/m/r.json speed.nope}} {{json ../secret.json a}} {{json /etc/hostname a}}")
     text = report(tmp_path)
     assert "ratio 1.24x, second 4, **[no such field: scale/m/r.json speed.nope]** **[no such field: ../secret.json a]**" in text
-    assert capsys.readouterr().err.count("names nothing") == 2
+    assert capsys.readouterr().err.count("names nothing") == 3
 
 
 def test_the_grid_cost_table_sums_the_measured_slices(tmp_path):

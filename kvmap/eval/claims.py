@@ -21,7 +21,7 @@ PLACEHOLDER = re.compile(r"\{\{(score|correct|cell|diff|json) ([^}]+)\}\}")
 
 def _json_field(runs: Path, args: list[str]) -> str | None:
     """The formatted field a ``json`` placeholder names, or None if the file or the field is not there."""
-    if len(args) not in (2, 3) or runs is None or ".." in Path(args[0]).parts:
+    if len(args) not in (2, 3) or runs is None or ".." in Path(args[0]).parts or Path(args[0]).is_absolute():
         return None
     try:
         value = json.loads((runs / args[0]).read_text())
