@@ -246,13 +246,11 @@ def test_memory_cap_bounds_the_memories_share_and_keeps_rows_normalised():
     import torch
 
     from kvmap.errors import InputError
-    from kvmap.models.attend import _cap_memory_share
-    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.models.levers import cap_memory_share
     from kvmap.ports import ImportConfig
-    from tests.conftest import BruteForceMemory, export_kv, tiny_llama
 
     probs = torch.softmax(torch.randn(2, 3, 4, 9) * 3, dim=-1)  # (Hkv, r, T, k + S), k = 4
-    capped = _cap_memory_share(probs, 4, 0.3)
+    capped = cap_memory_share(probs, 4, 30)
     assert torch.allclose(capped.sum(-1), torch.ones(2, 3, 4), atol=1e-6)
     assert bool((capped[..., :4].sum(-1) <= 0.3 + 1e-6).all())
     under = probs[..., :4].sum(-1) <= 0.3
@@ -262,10 +260,7 @@ def test_memory_cap_bounds_the_memories_share_and_keeps_rows_normalised():
             ImportConfig.from_options(memory_cap=bad)
     assert ImportConfig().options() == ImportConfig(memory_cap=100).options() and "memory_cap" not in ImportConfig().options()
 
-    model = tiny_llama()
-    port = LlamaMemoryPort(model, model_id="tiny")
-    keys, values = export_kv(port, torch.randint(1, 128, (1, 12)))
-    memory = BruteForceMemory(keys, values)
+    model, port, memory = _tiny_port_with_memory()
     prompt = torch.randint(1, 128, (1, 5))
     with torch.no_grad():
         for cap in (100, 10):
@@ -281,18 +276,13 @@ def test_only_the_listed_heads_read_memories():
 
     from kvmap.config import format_heads, parse_heads
     from kvmap.errors import InputError
-    from kvmap.models.llama import LlamaMemoryPort
     from kvmap.ports import ImportConfig
-    from tests.conftest import BruteForceMemory, export_kv, tiny_llama
 
     assert parse_heads("1.3+0.2+0.2") == ((0, 2), (1, 3)) and format_heads(((0, 2), (1, 3))) == "0.2+1.3"
     for bad in ("3", "a.b", "1.2.3", ""):
         with pytest.raises(InputError):
             parse_heads(bad)
-    model = tiny_llama()
-    port = LlamaMemoryPort(model, model_id="tiny")
-    keys, values = export_kv(port, torch.randint(1, 128, (1, 12)))
-    memory = BruteForceMemory(keys, values)
+    model, port, memory = _tiny_port_with_memory()
     prompt = torch.randint(1, 128, (1, 5))
     with torch.no_grad():
         plain = model(prompt).logits
@@ -305,3 +295,16 @@ def test_only_the_listed_heads_read_memories():
     share = trace.shares[0][0][0]  # (query heads, tokens)
     assert bool((share[1] > 0).all()) and float(share[[0, 2, 3]].abs().max()) == 0.0
     assert not torch.allclose(listed, plain) and not torch.allclose(listed, every)
+
+
+def _tiny_port_with_memory():
+    """A tiny Llama, its port, and a 12-token memory it exported."""
+    import torch
+
+    from kvmap.models.llama import LlamaMemoryPort
+    from tests.conftest import BruteForceMemory, export_kv, tiny_llama
+
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    keys, values = export_kv(port, torch.randint(1, 128, (1, 12)))
+    return model, port, BruteForceMemory(keys, values)

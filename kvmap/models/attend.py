@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kvmap.config import ImportConfig
-from kvmap.models import kernel
+from kvmap.models import kernel, levers
 from kvmap.ports import PortState
 from kvmap.rope import cos_sin, rotate
 
@@ -170,38 +170,16 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     if padded:
         mem_logits = mem_logits.masked_fill(ids < 0, float("-inf"))
     mem_logits = mem_logits.reshape(n_kv, r, t, k)  # (Hkv, r, T, k)
-    head_mask = state.head_mask(layer, n_q)
-    if head_mask is not None:  # heads not listed read no memories (query head i is (i // r, i % r) here)
-        mem_logits = mem_logits.masked_fill(~head_mask.to(mem_logits.device).view(n_kv, r, 1, 1), float("-inf"))
+    mem_logits = levers.mask_heads(mem_logits, state.head_mask(layer, n_q))
     state.trace.record(ids)
 
     probs = torch.softmax(torch.cat([mem_logits, local.float()], dim=-1), dim=-1)  # (Hkv, r, T, k + S)
-    if cfg.memory_cap < 100:
-        probs = _cap_memory_share(probs, k, cfg.memory_cap / 100)
+    probs = levers.cap_memory_share(probs, k, cfg.memory_cap)
     if state.trace.keep_shares:
-        _record_shares(state.trace, layer, probs[..., :k], ids.reshape(n_kv, r, t, k))
+        levers.record_shares(state.trace, layer, probs[..., :k], ids.reshape(n_kv, r, t, k))
     out = torch.matmul(probs[..., None, :k], mem_v.reshape(n_kv, r, t, k, d))[..., 0, :].to(q.dtype)  # (Hkv, r, T, d)
     out = out + torch.matmul(probs[..., k:].to(q.dtype), v_all[0][:, None])
     return out.reshape(n_q, t, d).transpose(0, 1).unsqueeze(0)  # (1, T, Hq, d)
-
-
-def _cap_memory_share(probs: torch.Tensor, k: int, cap: float) -> torch.Tensor:
-    """Attention weights (..., k + S) whose first k (the memories) sum to at most ``cap``: where they sum
-    to more, they are scaled down to it and the local weights up by the same mass, so every row still
-    sums to 1 and keeps its order within each part."""
-    mem = probs[..., :k].sum(-1, keepdim=True)  # (..., 1)
-    over = mem > cap
-    mem_scale = torch.where(over, cap / mem.clamp_min(1e-12), torch.ones_like(mem))
-    local_scale = torch.where(over, (1 - cap) / (1 - mem).clamp_min(1e-12), torch.ones_like(mem))
-    return torch.cat([probs[..., :k] * mem_scale, probs[..., k:] * local_scale], dim=-1)
-
-
-def _record_shares(trace, layer: int, mem_probs: torch.Tensor, ids: torch.Tensor) -> None:
-    """Per query head: the attention share of the memories and the most-attended one. mem_probs, ids: (Hkv, r, T, k)."""
-    n_kv, r, t, _ = mem_probs.shape
-    top = ids.gather(-1, mem_probs.argmax(-1, keepdim=True))[..., 0]  # (Hkv, r, T)
-    trace.shares.setdefault(layer, []).append((mem_probs.sum(-1).reshape(n_kv * r, t).detach().cpu(),
-                                               top.reshape(n_kv * r, t).cpu()))
 
 
 def _decode_among_candidates(state: RetrievalState, layer: int, q: torch.Tensor, q_rot: torch.Tensor,
