@@ -34,7 +34,8 @@ def grid_cost(timing: Path) -> list[str]:
              "resumed after a stop counts only the part run in its last call):", "",
              "| slice | wall h | CPU h | finished |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['slice']} | {r['wall_s'] / 3600:.2f} | {r['cpu_s'] / 3600:.2f} | {r['finished']} |")
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {r['slice']} | {r['wall_s'] / 3600:.2f} | {r['cpu_s'] / 3600:.2f} | {r['finished']}{note} |")
     total_wall, total_cpu = sum(r["wall_s"] for r in rows), sum(r["cpu_s"] for r in rows)
     return lines + [f"| all finished | {total_wall / 3600:.2f} | {total_cpu / 3600:.2f} | |", ""]
 
