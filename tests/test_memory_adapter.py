@@ -205,11 +205,83 @@ def test_finetune_resumes_and_writes_its_run_folder(tuning_data, tmp_path, monke
         return memory_tuning.finetune(tmp_path / "run", steps=steps, batch_size=1, settings=AdapterSettings(rank=2),
                                       data_settings=settings, n_val=2, val_every=2, lm=fresh, progress=False)
 
+    import json
+
     run(2)
+    first = json.loads((tmp_path / "run" / "training.json").read_text())
     folder = run(4)  # more steps: trains on from the step-2 checkpoint
+    second = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert second["train_cpu_s"] > first["train_cpu_s"] > 0  # time adds up over attempts
     info = read_info(folder)
     assert info.training["steps"] == 4 and info.base_model_id == lm.model_id
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     steps = {int(r.split(",")[1]) for r in rows[1:] if r.split(",")[1]}
     assert {0, 1, 2, 3} <= steps
     assert (tmp_path / "run" / "training.png").is_file()
+
+
+def test_adapter_0_imports_with_the_base_model(adapted):
+    from kvmap.config import ImportConfig
+
+    base, model, port = adapted
+    memory = _memory(port_for(base, "tiny"))
+    ids = torch.randint(0, 128, (1, 8))
+    off = ImportConfig.from_options(adapter=0)
+    assert off.options()["adapter"] is False and "adapter" not in ImportConfig().options()
+    with torch.no_grad():
+        with port_for(base, "tiny").importing(memory):
+            plain = base(ids).logits
+        with port.importing(memory, off):
+            untuned = model(ids).logits
+    assert torch.equal(plain, untuned)
+    with pytest.raises(InputError, match="adapter is 1"):
+        ImportConfig(adapter=2)
+
+
+def test_ask_refuses_an_adapter_where_nothing_is_imported():
+    from kvmap.cli import build_parser
+    from kvmap.cli.memory_commands import ask_config
+
+    args = build_parser().parse_args(["ask", "who?", "--memory", "m", "--adapter", "a"])
+    with pytest.raises(InputError, match="--adapter acts only while memories are imported"):
+        ask_config(args)
+    ask_config(build_parser().parse_args(["ask", "who?", "--memory", "m", "--adapter", "a", "--mode", "import"]))
+
+
+def test_finetune_cli_refuses_bad_numbers(capsys):
+    from kvmap.cli import main
+
+    assert main(["finetune", "--steps", "0"]) == 1
+    assert "--steps must be 1 or more" in capsys.readouterr().err
+    assert main(["finetune", "--targets", "q_proj,v_proj"]) == 1
+    assert "v_proj" in capsys.readouterr().err
+
+
+def test_eval_methods_name_their_adapter(tmp_path):
+    from kvmap.eval.methods import import_config, uses_adapter
+    from kvmap.eval.runner import run_eval
+    from kvmap.models.loading import LoadedModel
+
+    assert import_config("kvmap").adapter is False  # a method name means the same in every run folder
+    assert import_config("kvmap:adapter=1").adapter is True and uses_adapter("kvmap:adapter=1")
+    assert not uses_adapter("kvmap") and not uses_adapter("none")
+    lm = LoadedModel(model=tiny_llama(), tokenizer=None, model_id="tiny")
+    with pytest.raises(InputError, match="load one with --adapter"):
+        run_eval(lm, "passkey", ["kvmap:adapter=1"], [1000], 1, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_run_folder_keeps_one_adapter(tmp_path):
+    import yaml
+
+    from kvmap.eval.runner import run_eval
+    from kvmap.models.loading import LoadedModel
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump({"task": "passkey", "model": "tiny", "seed": 0, "task_options": {},
+                                                     "methods": ["kvmap:adapter=1"], "lengths": [1000], "limit": 1,
+                                                     "adapter": "runs/finetune/a/adapter"}))
+    lm = LoadedModel(model=tiny_llama(), tokenizer=None, model_id="tiny", adapter="runs/finetune/b/adapter")
+    with pytest.raises(InputError, match="adapter='runs/finetune/a/adapter'"):
+        run_eval(lm, "passkey", ["kvmap:adapter=1"], [1000], 1, out)

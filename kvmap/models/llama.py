@@ -140,9 +140,10 @@ class LlamaMemoryPort(CausalLMPort):
 
     @contextlib.contextmanager
     def _importing(self, state: RetrievalState) -> Iterator[RetrievalState]:
-        """Attached, with the model's memory adapter (if it has one) switched on: it acts only while
-        memories are imported (:mod:`kvmap.models.adapter`)."""
-        with adapter_active(self.model), self._attached(state):
+        """Attached, with the model's memory adapter (if it has one, and unless ``config.adapter`` is off)
+        switched on: it acts only while memories are imported (:mod:`kvmap.models.adapter`)."""
+        adapter = adapter_active(self.model) if state.config.adapter else contextlib.nullcontext()
+        with adapter, self._attached(state):
             yield state
 
     def _attention_scaling(self, like: torch.Tensor) -> float:

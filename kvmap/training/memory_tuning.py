@@ -54,6 +54,22 @@ class MemoryTuning(pl.LightningModule):
         self.config = config or ImportConfig()
         self.lora = torch.nn.ParameterList(params)  # the model's own LoRA tensors (shared, not copied)
         self.lr, self.warmup, self.batch_size, self.max_steps = lr, warmup, batch_size, max_steps
+        self.spent = {"wall_s": 0.0, "cpu_s": 0.0}  # training time of earlier attempts (from the checkpoint)
+        self._began = (time.perf_counter(), time.process_time())
+
+    def on_train_start(self) -> None:
+        self._began = (time.perf_counter(), time.process_time())
+
+    def seconds(self) -> dict:
+        """Wall and CPU seconds of training over every attempt so far (validation included, the pool's build not)."""
+        return {"wall_s": round(self.spent["wall_s"] + time.perf_counter() - self._began[0], 1),
+                "cpu_s": round(self.spent["cpu_s"] + time.process_time() - self._began[1], 1)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kvmap_seconds"] = self.seconds()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.spent = dict(checkpoint.get("kvmap_seconds", self.spent))
 
     def example_loss(self, ex: TuningExample) -> tuple[torch.Tensor, bool]:
         """Cross-entropy of the answer tokens with the memory imported, and whether greedy decoding
@@ -171,6 +187,7 @@ def finetune(out: str | Path, model: str | None = None, steps: int = 500, batch_
     trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
     seconds = time.perf_counter() - began
     training = {"steps": trainer.global_step, "batch_size": batch_size, "lr": lr, "seconds_this_run": round(seconds, 1),
+                **{f"train_{k}": v for k, v in module.seconds().items()},
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(data_settings).items()},
                 "import": module.config.options(), "stories": [s["story"] for s in stories]}
     folder = save_adapter(lm.model, out / "adapter", AdapterInfo(lm.model_id, settings, training))
