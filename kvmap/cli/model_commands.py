@@ -116,7 +116,7 @@ def cmd_demo(args) -> int:
         raise InputError(f"--tales must be 1 or more, got {args.tales}")
     if args.memory:
         checks.memory_folder(args.memory, create=True)
-    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild)
+    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild, adapter=args.adapter)
 
 
 def _add_bridge(sub) -> None:
@@ -157,4 +157,5 @@ def add_parsers(sub) -> None:
     d.add_argument("--memory", help="memory folder (default: $KVMAP_CACHE/demo-memory)")
     d.add_argument("--tales", type=int, default=28, help="how many Grimm tales to remember (28, about 63k tokens)")
     d.add_argument("--rebuild", action="store_true", help="read the tales again")
+    d.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`) for the token-level answers")
     d.set_defaults(func=cmd_demo)
