@@ -9,7 +9,7 @@ The adapter acts only while memories are imported (kvmap.models.adapter), so wit
 - ``base + memory`` / ``tuned + memory``: token-level import of an unrelated tale while reading (how much
   an irrelevant memory hurts ordinary text, before and after tuning).
 
-Held-out text: the first ``--tokens`` tokens of ``--tales`` shipped tales (the evaluations' haystack tales,
+Held-out text: the first ``--tokens`` tokens of ``--tales`` shipped tales (the first long enough, in a seeded order) (the evaluations' haystack tales,
 never trained on: training uses FairytaleQA train stories that are not among them); the unrelated memory
 is the next tale in the same seeded order. Writes ``side_effects.json`` into the adapter's run folder.
 
@@ -67,8 +67,13 @@ def main() -> None:
     tok = base.tokenizer
     order = sorted(tales(), key=lambda t: t["id"])
     random.Random("adapter-side-effects").shuffle(order)
-    texts = [tok(" ".join(t["text"].split()), add_special_tokens=False)["input_ids"] for t in order[:args.tales + 1]]
-    texts = [ids for ids in texts if len(ids) >= args.tokens]
+    texts = []  # the first tales (in that order) long enough for a window; one more for the memory
+    for tale in order:
+        ids = tok(" ".join(tale["text"].split()), add_special_tokens=False)["input_ids"]
+        if len(ids) >= args.tokens:
+            texts.append(ids)
+        if len(texts) == args.tales + 1:
+            break
     memory = memory_of(base, texts[-1][:args.memory_tokens])
     conditions = {"base": (base, None, False), "tuned": (tuned, None, False),
                   "tuned, adapter forced on": (tuned, None, True),

@@ -285,3 +285,20 @@ def test_a_run_folder_keeps_one_adapter(tmp_path):
     lm = LoadedModel(model=tiny_llama(), tokenizer=None, model_id="tiny", adapter="runs/finetune/b/adapter")
     with pytest.raises(InputError, match="adapter='runs/finetune/a/adapter'"):
         run_eval(lm, "passkey", ["kvmap:adapter=1"], [1000], 1, out)
+
+
+def test_the_instruction_can_start_the_memory(tuning_data):
+    from dataclasses import replace
+
+    from kvmap.training.memory_data import FACT_INSTRUCTION, TuningData
+
+    lm, data = tuning_data
+    with_instruction = TuningData(lm, data.pool, [s for s, _ in data.stories],
+                                  replace(data.settings, instruction_in_memory=1.0))
+    ex = next(e for e in (with_instruction.example("train", i) for i in range(20)) if e.kind == "fact")
+    n = len(lm.tokenizer(FACT_INSTRUCTION + "\n", add_special_tokens=False)["input_ids"])
+    plain = next(e for e in (data.example("train", i) for i in range(20)) if e.kind == "fact")
+    assert ex.memory.n_tokens > n
+    expected = with_instruction._instruction_piece()[1][0][1]  # layer 1 keys of the exported instruction, (n, H, d)
+    assert torch.allclose(ex.memory.kv(1)[0][0, :, :n].transpose(0, 1), torch.from_numpy(expected).float())
+    assert plain.memory.n_tokens > 0

@@ -81,7 +81,9 @@ def cmd_finetune(args) -> int:
     if not args.lr > 0:
         raise InputError(f"--lr must be above 0, got {args.lr}")
     settings = AdapterSettings(rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))
-    data = DataSettings(n_stories=args.stories, seed=args.seed)
+    if not 0 <= args.instruction_in_memory <= 1:
+        raise InputError(f"--instruction-in-memory is a share, 0 to 1, got {args.instruction_in_memory}")
+    data = DataSettings(n_stories=args.stories, seed=args.seed, instruction_in_memory=args.instruction_in_memory)
     folder = finetune(Path(args.out).expanduser(), args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, settings=settings, data_settings=data, n_val=args.n_val, val_every=args.val_every)
     print(f"wrote {folder} (use it with --adapter {folder}); curves in {Path(args.out) / 'training.png'}")
@@ -105,6 +107,8 @@ def _add_finetune(sub) -> None:
     f.add_argument("--stories", type=int, default=40, help="FairytaleQA train stories in the pool (40; 6 held out)")
     f.add_argument("--n-val", type=int, default=24, help="validation examples (24)")
     f.add_argument("--val-every", type=int, default=50, help="validate and checkpoint every N steps (50)")
+    f.add_argument("--instruction-in-memory", type=float, default=0.0,
+                   help="share of fact examples whose memory starts with the instruction, as NIAH's context does (0)")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_finetune)
 

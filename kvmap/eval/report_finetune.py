@@ -31,15 +31,19 @@ def finetune_section(runs: list[Path], out_dir: Path) -> list[str]:
         settings = json.loads((folder / "adapter" / "adapter.json").read_text())["settings"]
         val = _val_rows(folder / "metrics.csv")
         first, last = val[0], val[-1]
+        untracked = training.get("untracked_attempts", [])  # attempts whose time was measured outside the run
+        cpu = training.get("train_cpu_s", 0) + sum(a["cpu_s"] for a in untracked)
+        wall = training.get("train_wall_s", 0) + sum(a["wall_s"] for a in untracked)
         lines.append(f"| `{folder.name}` | {training['steps']} × {training['batch_size']} | "
-                     f"{training.get('train_cpu_s', training['seconds_this_run']) / 3600:.2f} CPU-h "
-                     f"({training.get('train_wall_s', training['seconds_this_run']) / 60:.0f} min wall) | "
+                     f"{cpu / 3600:.2f} CPU-h ({wall / 60:.0f} min wall){' †' if untracked else ''} | "
                      f"r={settings['rank']} on {', '.join(settings['targets'])} | "
                      f"{float(first['val/loss']):.2f} → {float(last['val/loss']):.2f} | "
                      f"{float(first['val/accuracy']):.0%} → {float(last['val/accuracy']):.0%} |")
         plot = plot_path(out_dir, f"results_finetune_{folder.name}.png")
         plot_curves(folder / "metrics.csv", plot, f"memory adapter {folder.name}: training with import in the forward pass")
         plots.append(f"![training curve of {folder.name}]({plot_link(out_dir, plot)})")
+    if any(json.loads((f / "training.json").read_text()).get("untracked_attempts") for f in runs):
+        lines += ["", "† includes an attempt timed from outside (its `training.json` says how)."]
     lines += ["", *plots, ""]
     for folder in runs:
         side = folder / "side_effects.json"

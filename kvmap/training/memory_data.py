@@ -67,6 +67,10 @@ class DataSettings:
     """Share of ``fact`` examples; the rest are ``qa``."""
     local_answer_share: float = 0.2
     """Share of examples whose answer lies in the local context (the memory: negatives only)."""
+    instruction_in_memory: float = 0.0
+    """Share of ``fact`` examples whose text stream starts with the instruction, as an evaluation's context
+    does (NIAH's starts with its task description), so that the memory holds it too and the model learns
+    not to answer with it. 0 for the first adapter (``memory-adapter``), which was trained without it."""
     seed: int = 0
 
 
@@ -175,6 +179,9 @@ class TuningData:
         total = sum(len(p[0]) for p in stream)
         while total > budget and stream[0] is not target_piece:  # negatives before the target go first
             total -= len(stream.pop(0)[0])
+        share = self.settings.instruction_in_memory  # drawn only when set: examples of earlier runs stay the same
+        if kind == "fact" and share > 0 and rng.random() < share:
+            stream.insert(0, self._instruction_piece())
         if kind != "fact":
             return stream
         key = f"{rng.choice(FACT_ADJECTIVES)} {rng.choice(FACT_NOUNS)}"
@@ -193,6 +200,13 @@ class TuningData:
         exported = self._export(ids[max(0, cut - 256):cut], fact_ids)
         return pieces[:at] + [(ids[:cut], segment, 0), (fact_ids, exported, 0),
                               (ids[cut:], segment, cut)] + pieces[at + 1:]
+
+    def _instruction_piece(self) -> tuple:
+        """The fact instruction as the first piece of a stream, exported once."""
+        if not hasattr(self, "_instruction"):
+            ids = self.tok(FACT_INSTRUCTION + "\n", add_special_tokens=False)["input_ids"]
+            self._instruction = (ids, self._export([], ids), 0)
+        return self._instruction
 
     @torch.no_grad()
     def _export(self, before: list[int], ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
