@@ -4,9 +4,9 @@ The adapter acts only while memories are imported (kvmap.models.adapter), so wit
 *is* the base model; this measures that instead of assuming it, and measures what the adapter changes:
 
 - ``base`` / ``tuned``: no memory (must be equal);
-- ``tuned, adapter forced on``: the LoRA weights switched on without memory (what they would do if they
+- ``tuned_adapter_forced_on``: the LoRA weights switched on without memory (what they would do if they
   were always on: how far training moved the model);
-- ``base + memory`` / ``tuned + memory``: token-level import of an unrelated tale while reading (how much
+- ``base_with_memory`` / ``tuned_with_memory``: token-level import of an unrelated tale while reading (how much
   an irrelevant memory hurts ordinary text, before and after tuning).
 
 Held-out text: the first ``--tokens`` tokens of ``--tales`` shipped tales (the first long enough, in a seeded order) (the evaluations' haystack tales,
@@ -76,8 +76,8 @@ def main() -> None:
             break
     memory = memory_of(base, texts[-1][:args.memory_tokens])
     conditions = {"base": (base, None, False), "tuned": (tuned, None, False),
-                  "tuned, adapter forced on": (tuned, None, True),
-                  "base + memory": (base, memory, False), "tuned + memory": (tuned, memory, False)}
+                  "tuned_adapter_forced_on": (tuned, None, True),
+                  "base_with_memory": (base, memory, False), "tuned_with_memory": (tuned, memory, False)}
     began = time.perf_counter()
     sums = {name: [0.0, 0] for name in conditions}
     for ids in texts[:-1]:

@@ -53,8 +53,10 @@ def finetune_section(runs: list[Path], out_dir: Path) -> list[str]:
 
 
 def _side_effects(name: str, d: dict) -> list[str]:
-    ppl = d["perplexity"]
-    rows = [f"| {cond} | {value:.2f} |" for cond, value in ppl.items()]
+    labels = {"base": "base, no memory", "tuned": "tuned, no memory (the adapter off: the base model)",
+              "tuned_adapter_forced_on": "tuned, the adapter forced on, no memory",
+              "base_with_memory": "base + memory", "tuned_with_memory": "tuned + memory"}
+    rows = [f"| {labels.get(cond, cond)} | {value:.2f} |" for cond, value in d["perplexity"].items()]
     return [f"Side effects of `{name}`: perplexity of {d['tokens']} tokens of {d['tales']} held-out tales (no memory "
             f"unless said; *+ memory*: token-level import of {d['memory_tokens']} tokens of an unrelated tale). Tuned "
             f"vs base without memory: {d['tuned_vs_base_no_memory']:+.2%}.", "",
