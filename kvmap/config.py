@@ -85,7 +85,7 @@ class RetrievalReuse:
         _at_least("reuse_block_size", self.block_size, 1)
 
 
-_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "memory_cap", "heads")
+_TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "memory_cap", "heads", "adapter")
 _BLOCK_OPTIONS = {"block_size": "size", "n_blocks": "n_blocks", "neighbours": "neighbours",
                   "fixed_blocks": "fixed"}
 _REUSE_OPTIONS = {"reuse": "candidates", "reuse_next": "next", "reuse_next_best": "next_best",
@@ -135,9 +135,16 @@ class ImportConfig:
     """The largest share of a query's attention, in percent, that imported memories may take (token
     retrieval and reuse): above it their weights are scaled down to the cap and the local ones up, so
     that a head cannot leave its own context for memories entirely. 100: no cap."""
+    adapter: bool = True
+    """Switch the model's memory adapter on while importing (:mod:`kvmap.models.adapter`; nothing happens for a
+    model without one). ``adapter=0`` imports with the base model, so one evaluation run can pair both."""
 
     def __post_init__(self) -> None:
         _at_least("top_k", self.top_k, 1)
+        if self.adapter not in (0, 1):  # True/False, or 0/1 from a method string (kvmap:adapter=0)
+            raise InputError(f"adapter is 1 (use the model's memory adapter) or 0 (import with the base model), "
+                             f"got {self.adapter!r}")
+        object.__setattr__(self, "adapter", bool(self.adapter))
         _at_least("memory_cap", self.memory_cap, 1)
         if self.memory_cap > 100:
             raise InputError(f"memory_cap is a percentage of attention, 1 to 100, got {self.memory_cap}")
@@ -219,6 +226,7 @@ class ImportConfig:
             "reuse_next_best": reuse.next_best if reuse else 0, "reuse_blocks": reuse.blocks if reuse else 0,
             "reuse_block_size": reuse.block_size if reuse else 32, "search_chunk": self.search_chunk,
         } | ({"memory_cap": self.memory_cap} if self.memory_cap != 100 else {}) \
+            | ({"adapter": False} if not self.adapter else {}) \
             | ({"heads": self.heads} if self.heads is not None else {})  # run files before them lack both
 
 

@@ -1,11 +1,13 @@
 """The fairy-tale demo: Grimm tales go into memory, questions come out answered from it.
 
 The memory is built once (about 60k tokens, far beyond SmolLM2's 8k window) and reused. Each
-question is answered twice, with and without memory, and the tales the imported memories came
-from are shown. "With memory" is ``kvmap ask``'s default mode: the memory blocks BM25 ranks best
-for the question have their stored K/V spliced into the prompt (``kvmap.splice``); the seed's
-token-level import answered none of these questions (README, "Results"). The questions were picked among those SmolLM2-135M answers correctly when the
-tale itself is in its prompt (see README, "Demo").
+question is answered three ways, and the tales the memories came from are shown: "with memory" is
+``kvmap ask``'s default mode (the memory blocks BM25 ranks best for the question have their stored
+K/V spliced into the prompt, ``kvmap.splice``), "without memory" the same model alone, and
+"token-level import" the seed's method (through the memory adapter of ``--adapter`` when given).
+The questions were picked among those SmolLM2-135M answers correctly when the tale itself is in its
+prompt (see README, "Demo"). Then three tales are retold ("Tell me the story of ...", the seed's
+other experiment), scored by ROUGE-L against the tale's opening, with and without memory.
 """
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ def source_name(tale: dict) -> str:
     return f"{tale['id']} {tale['title']}"
 
 
-def build_memory(folder: Path, n_tales: int, rebuild: bool):
-    """Open the demo memory, reading the first ``n_tales`` Grimm tales that are not in it yet."""
+def build_memory(folder: Path, n_tales: int, rebuild: bool, adapter: str | None = None):
+    """Open the demo memory, reading the first ``n_tales`` Grimm tales that are not in it yet (the memory
+    adapter, if given, is loaded but never acts while reading)."""
     from kvmap.stores import Memory
 
-    lm = load_model()
+    lm = load_model(adapter=adapter)
     port = lm.port
     if rebuild and folder.exists():
         import shutil
@@ -55,28 +58,62 @@ def build_memory(folder: Path, n_tales: int, rebuild: bool):
     return lm, port, memory
 
 
-def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = False) -> int:
-    """Build (or reuse) the tale memory and answer the demo questions with and without it."""
+RETELL = ("The Frog-King, or Iron Henry", "The Fisherman and His Wife", "The Bremen Town-Musicians")
+"""Tales the demo asks to be retold (the seed paper's other experiment: "Tell me the story of ...")."""
+
+
+def _rouge_l(text: str, reference: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, text)["rougeL"].fmeasure
+
+
+def _answers(lm, port, memory, question: str, adapter_config) -> dict:
+    """The question answered three ways: the best mode (splice), no memory, the seed's token-level import."""
+    return {"with memory": ask(lm, question, memory, preset("splice"), max_new_tokens=20, port=port),
+            "without memory": ask(lm, question, None, max_new_tokens=20, port=port),
+            "token-level import": ask(lm, question, memory, adapter_config, max_new_tokens=20, port=port, mode="import")}
+
+
+def _retell(lm, port, memory, n_tales: int) -> list[tuple[str, float, float]]:
+    """ROUGE-L of "Tell me the story of ..." against the tale's opening, with memory (splice) and without."""
+    tales = {t["title"]: t for t in grimm_tales()[:n_tales]}
+    out = []
+    for title in [t for t in RETELL if t in tales]:
+        question = f"Tell me the story of {title}."
+        opening = " ".join(tales[title]["text"].split()[:150])
+        with_mem = ask(lm, question, memory, preset("splice"), max_new_tokens=150, port=port).text
+        without = ask(lm, question, None, max_new_tokens=150, port=port).text
+        out.append((title, _rouge_l(with_mem, opening), _rouge_l(without, opening)))
+    return out
+
+
+def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = False, adapter: str | None = None) -> int:
+    """Build (or reuse) the tale memory; answer the demo questions with memory (the best mode), without it and
+    with the seed's token-level import (through ``adapter`` when given); then retell three tales."""
+    from kvmap.config import ImportConfig
+
     began = time.perf_counter()
     folder = Path(memory_dir) if memory_dir else cache_dir() / "demo-memory"
-    lm, port, memory = build_memory(folder, n_tales, rebuild)
+    lm, port, memory = build_memory(folder, n_tales, rebuild, adapter)
     print(f"\nMemory: {memory.n_tokens} tokens from {len(memory.sources())} tales "
           f"(SmolLM2's window is {lm.model.config.max_position_embeddings} tokens).\n")
-    config = preset("splice")  # what `kvmap ask` uses by default
-    hits_with = hits_without = 0
+    token_level = ImportConfig()  # the seed's import; with the memory adapter on when one is loaded
+    hits = {"with memory": 0, "without memory": 0, "token-level import": 0}
     for question, expected in QUESTIONS:
-        with_mem = ask(lm, question, memory, config, max_new_tokens=20, port=port)
-        without = ask(lm, question, None, max_new_tokens=20, port=port)
-        ok_with = any(w in with_mem.text.lower() for w in expected)
-        ok_without = any(w in without.text.lower() for w in expected)
-        hits_with += ok_with
-        hits_without += ok_without
+        answers = _answers(lm, port, memory, question, token_level)
         print(f"Q: {question}")
-        print(f"  with memory    [{'ok' if ok_with else '--'}] {with_mem.text}")
-        print(f"  without memory [{'ok' if ok_without else '--'}] {without.text}")
-        top = list(with_mem.source_shares.items())[:3]
+        for name, answer in answers.items():
+            ok = any(w in answer.text.lower() for w in expected)
+            hits[name] += ok
+            label = name + (" (adapter)" if name == "token-level import" and adapter else "")
+            print(f"  {label:26s} [{'ok' if ok else '--'}] {answer.text}")
+        top = list(answers["with memory"].source_shares.items())[:3]
         print("  memories came from: " + ", ".join(f"{src} ({share:.0%})" for src, share in top) + "\n")
     n = len(QUESTIONS)
-    print(f"Answers containing the expected words: with memory {hits_with}/{n}, without {hits_without}/{n} "
-          f"({time.perf_counter() - began:.0f}s in all).")
+    print("Answers containing the expected words: " + ", ".join(f"{k} {v}/{n}" for k, v in hits.items()) + ".")
+    print("\nRetelling (ROUGE-L F1 against the tale's first 150 words):")
+    for title, with_mem, without in _retell(lm, port, memory, n_tales):
+        print(f"  {title:38s} with memory {with_mem:.3f}, without {without:.3f}")
+    print(f"({time.perf_counter() - began:.0f}s in all)")
     return 0

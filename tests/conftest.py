@@ -12,12 +12,12 @@ import torch
 from kvmap.ports import KVLayout
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16):
+def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, vocab: int = 128):
     """A random-weight LlamaForCausalLM small enough for unit tests (float32, eager attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=heads * head_dim, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=128,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       head_dim=head_dim, max_position_embeddings=512, attn_implementation="eager")
     return LlamaForCausalLM(cfg).eval()

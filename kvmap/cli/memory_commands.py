@@ -14,10 +14,10 @@ ASK_MODES = ("splice", "splice-attention", "import")
 """Kept equal to :data:`kvmap.answer.ASK_MODES` (a test checks), so ``kvmap --help`` needs no torch import."""
 
 
-def load(model: str | None):
+def load(model: str | None, adapter: str | None = None):
     from kvmap.models.loading import load_model
 
-    return load_model(model)
+    return load_model(model, adapter=adapter)
 
 
 def model_for_memory(memory, requested: str | None) -> str | None:
@@ -136,6 +136,9 @@ def ask_config(args):
 
     flags = {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS}
     typed = given(args, flags)
+    if getattr(args, "adapter", None) and args.mode != "import":
+        raise InputError(f"--adapter acts only while memories are imported; with --mode {args.mode} it would "
+                         "change nothing: add --mode import or drop --adapter")
     if args.mode in SPLICE_ALLOWS:
         ignored = [name for name in typed if name not in SPLICE_ALLOWS[args.mode]]
         if ignored:
@@ -187,7 +190,7 @@ def cmd_ask(args) -> int:
     memory = Memory.open(checks.memory_folder(args.memory, create=False))
     if not args.no_memory:
         config = _fit_memory(args, config, memory)
-    lm = load(model_for_memory(memory, args.model))
+    lm = load(model_for_memory(memory, args.model), args.adapter)
     if not args.no_memory:
         lm.port.check_memory(memory)
     checks.check_window(lm.window, _prompt_tokens(lm, args, config, memory), args.max_new_tokens)
@@ -215,6 +218,7 @@ def add_ask(sub) -> None:
     a.add_argument("question")
     a.add_argument("--memory", required=True)
     a.add_argument("--model", help="defaults to the model that made the memory")
+    a.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`), active while memories are imported")
     a.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
     a.add_argument("--no-memory", action="store_true", help="answer without importing memories (baseline)")
     a.add_argument("--json", action="store_true", help="print one JSON object {answer, memories}")

@@ -1,4 +1,5 @@
-"""``kvmap limb``, ``kvmap bridge`` and ``kvmap demo``: the limb policy, cross-model adapters, the tale demo."""
+"""``kvmap limb``, ``bridge``, ``finetune`` and ``demo``: the limb policy, cross-model adapters, the memory adapter,
+the tale demo."""
 from __future__ import annotations
 
 from kvmap.cli import checks
@@ -67,6 +68,51 @@ def cmd_bridge_eval(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from pathlib import Path
+
+    from kvmap.models.adapter import AdapterSettings
+    from kvmap.training.memory_data import DataSettings
+    from kvmap.training.memory_tuning import finetune
+
+    for name in ("steps", "batch_size", "stories", "rank", "val_every", "n_val"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise InputError(f"--lr must be above 0, got {args.lr}")
+    settings = AdapterSettings(rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))
+    if not 0 <= args.instruction_in_memory <= 1:
+        raise InputError(f"--instruction-in-memory is a share, 0 to 1, got {args.instruction_in_memory}")
+    data = DataSettings(n_stories=args.stories, seed=args.seed, instruction_in_memory=args.instruction_in_memory)
+    folder = finetune(Path(args.out).expanduser(), args.model, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, settings=settings, data_settings=data, n_val=args.n_val, val_every=args.val_every)
+    print(f"wrote {folder} (use it with --adapter {folder}); curves in {Path(args.out) / 'training.png'}")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    from kvmap.models.adapter import AdapterSettings
+
+    defaults = AdapterSettings()
+    f = sub.add_parser("finetune", help="train a memory adapter (LoRA, active only while importing memories) with "
+                                        "memory import in the forward pass, on FairytaleQA train stories")
+    f.add_argument("--out", default="runs/finetune/memory-adapter", help="run folder; a stopped run resumes from it")
+    f.add_argument("--model", help="built-in name or local checkpoint folder (default: smollm2-135m)")
+    f.add_argument("--steps", type=int, default=500, help="optimizer steps (500)")
+    f.add_argument("--batch-size", type=int, default=4, help="examples per step (4)")
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--rank", type=int, default=defaults.rank, help=f"LoRA rank ({defaults.rank})")
+    f.add_argument("--targets", default=",".join(defaults.targets),
+                   help="comma-separated linear layers to adapt (never k_proj/v_proj: memories store their output)")
+    f.add_argument("--stories", type=int, default=40, help="FairytaleQA train stories in the pool (40; 6 held out)")
+    f.add_argument("--n-val", type=int, default=24, help="validation examples (24)")
+    f.add_argument("--val-every", type=int, default=50, help="validate and checkpoint every N steps (50)")
+    f.add_argument("--instruction-in-memory", type=float, default=0.0,
+                   help="share of fact examples whose memory starts with the instruction, as NIAH's context does (0)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_finetune)
+
+
 def cmd_demo(args) -> int:
     from kvmap.demo import run_demo
 
@@ -74,7 +120,7 @@ def cmd_demo(args) -> int:
         raise InputError(f"--tales must be 1 or more, got {args.tales}")
     if args.memory:
         checks.memory_folder(args.memory, create=True)
-    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild)
+    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild, adapter=args.adapter)
 
 
 def _add_bridge(sub) -> None:
@@ -110,8 +156,10 @@ def add_parsers(sub) -> None:
     lt.add_argument("--steps", type=int, default=700, help="optimizer steps (700: ~97%% reach accuracy, ~10 min on one CPU core)")
     lt.set_defaults(func=cmd_limb_train)
     _add_bridge(sub)
+    _add_finetune(sub)
     d = sub.add_parser("demo", help="fairy tales into memory, questions answered from it")
     d.add_argument("--memory", help="memory folder (default: $KVMAP_CACHE/demo-memory)")
     d.add_argument("--tales", type=int, default=28, help="how many Grimm tales to remember (28, about 63k tokens)")
     d.add_argument("--rebuild", action="store_true", help="read the tales again")
+    d.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`) for the token-level answers")
     d.set_defaults(func=cmd_demo)

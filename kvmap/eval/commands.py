@@ -36,7 +36,7 @@ def cmd_eval(args) -> int:
         from kvmap.data import fairytaleqa
 
         fairytaleqa(options.get("split", "val"), path=options.get("data"))
-    lm = load(args.model)
+    lm = load(args.model, args.adapter)
     metrics = run_eval(lm, task, methods, args.lengths, args.limit, args.out, seed=args.seed,
                        task_options=options, store=args.store, max_new_tokens=args.max_new_tokens,
                        progress=not args.json)
@@ -125,6 +125,9 @@ def _add_generic(esub, name: str, help: str, lengths: str, methods: str = "oracl
     g.add_argument("--limit", "--trials", type=int, default=50, help="examples per length")
     g.add_argument("--out", required=True, help="run folder (config.yaml, predictions.jsonl, metrics.json); resumable")
     g.add_argument("--model")
+    g.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`): active in the kvmap methods' "
+                                     "imports (kvmap:adapter=0 imports without it in the same run); other methods "
+                                     "never import, so they are unchanged")
     g.add_argument("--store", default="exact", choices=store_choices())
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--part", choices=["dev", "test"], default="dev",

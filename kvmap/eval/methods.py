@@ -87,10 +87,19 @@ def parse_method(name: str) -> tuple[str, dict]:
 
 
 def import_config(name: str, default: ImportConfig | None = None) -> ImportConfig:
-    """The ImportConfig a kvmap method name stands for (its runner options, such as ``local``, left out)."""
+    """The ImportConfig a kvmap method name stands for (its runner options, such as ``local``, left out).
+
+    A method imports without the model's memory adapter unless its name says ``adapter=1``, so that one
+    method name means one thing in every run folder, whatever model was loaded."""
     base, options = parse_method(name)
     options = {k: v for k, v in options.items() if k not in KVMAP_RUNNER_OPTIONS}
-    return (default or ImportConfig()).with_options(**{**KVMAP_PRESETS[base], **options})
+    return (default or ImportConfig(adapter=False)).with_options(**{**KVMAP_PRESETS[base], **options})
+
+
+def uses_adapter(name: str) -> bool:
+    """Whether a method imports with the memory adapter (``kvmap:adapter=1``)."""
+    base, options = parse_method(name)
+    return base in KVMAP_PRESETS and bool(options.get("adapter", 0))
 
 
 def local_tokens(name: str) -> int:

@@ -71,6 +71,11 @@ def build_report(runs: Path, out: Path) -> str:
         from kvmap.eval.report_scale import scale_section
 
         lines += scale_section(runs / "scale", out.parent)
+    tuned = sorted(f.parent for f in runs.glob("finetune/*/training.json"))
+    if tuned:
+        from kvmap.eval.report_finetune import finetune_section
+
+        lines += finetune_section(tuned, out.parent)
     if (runs / "diagnosis" / "attention_share.json").exists():
         from kvmap.eval.report_diagnosis import diagnosis_section
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvmap.errors import InputError
 from kvmap.eval.group import GroupRunner
-from kvmap.eval.methods import check_methods
+from kvmap.eval.methods import check_methods, uses_adapter
 from kvmap.eval.runfiles import append_jsonl, read_jsonl
 from kvmap.eval.scoring import score
 from kvmap.eval.tasks import make_examples
@@ -50,12 +50,24 @@ def run_eval(lm, task: str, methods: list[str], lengths: list[int], limit: int, 
     max_new = max_new_tokens or MAX_NEW_TOKENS[task]
     config = {"task": task, "model": lm.model_id, "methods": methods, "lengths": lengths, "limit": limit,
               "seed": seed, "task_options": task_options, "store": store, "max_new_tokens": max_new}
+    if getattr(lm, "adapter", None):  # the memory adapter the kvmap methods import with (not written when none)
+        config["adapter"] = lm.adapter
+    tuned = [m for m in methods if uses_adapter(m)]
+    if tuned and not getattr(lm, "adapter", None):
+        raise InputError(f"method {tuned[0]} imports with a memory adapter; load one with --adapter DIR "
+                         "(`kvmap finetune` writes it)")
     if (out / "config.yaml").exists():
         old = yaml.safe_load((out / "config.yaml").read_text())
         for key in ("task", "model", "seed", "task_options"):
-            if old.get(key) != config[key]:
-                raise InputError(f"{out} holds a run with {key}={old.get(key)!r}, not {config[key]!r}; "
+            if old.get(key) != config.get(key):
+                raise InputError(f"{out} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
                                  f"use another --out folder")
+        # only adapter=1 rows depend on the adapter: a run without one may get one, never another one
+        if old.get("adapter") and config.get("adapter") and old["adapter"] != config["adapter"]:
+            raise InputError(f"{out} holds a run with adapter={old['adapter']!r}, not {config['adapter']!r}; "
+                             "use another --out folder")
+        if old.get("adapter"):
+            config["adapter"] = old["adapter"]
         config["methods"] = list(dict.fromkeys(old["methods"] + methods))
         config["lengths"] = sorted(set(old["lengths"]) | set(lengths))
         config["limit"] = max(old["limit"], limit)

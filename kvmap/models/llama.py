@@ -20,6 +20,7 @@ from torch import nn
 
 from kvmap.errors import KVMapError
 from kvmap.models import attend as memory_attention
+from kvmap.models.adapter import adapter_active
 from kvmap.models.attend import RetrievalState
 from kvmap.ports import CausalLMPort, ImportConfig, ImportTrace, KVLayout, Recorder, attached_forwards
 from kvmap.rope import cos_sin, rotate
@@ -135,7 +136,15 @@ class LlamaMemoryPort(CausalLMPort):
         state = RetrievalState(recorder=recorder, memory=memory, config=config, rotary=self.rotary,
                            unrotated_scale=self._attention_scaling(like))
         state.query_cos_sin[torch.float32] = cos_sin(self.rotary, torch.tensor(config.distance), like)  # (d,)
-        return _TraceContext(self._attached(state), state.trace)
+        return _TraceContext(self._importing(state), state.trace)
+
+    @contextlib.contextmanager
+    def _importing(self, state: RetrievalState) -> Iterator[RetrievalState]:
+        """Attached, with the model's memory adapter (if it has one, and unless ``config.adapter`` is off)
+        switched on: it acts only while memories are imported (:mod:`kvmap.models.adapter`)."""
+        adapter = adapter_active(self.model) if state.config.adapter else contextlib.nullcontext()
+        with adapter, self._attached(state):
+            yield state
 
     def _attention_scaling(self, like: torch.Tensor) -> float:
         """The rotary's ``attention_scaling`` (1 for plain RoPE), read off cos at position 0; refuses rope

@@ -32,6 +32,9 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     """Identity recorded in a memory's manifest; a memory refuses a model with another id."""
+    adapter: str | None = None
+    """The memory adapter folder loaded into the model (active only while importing; the identity stays
+    the base model's, since memories are written with the adapter off: :mod:`kvmap.models.adapter`)."""
     _port: object = field(default=None, repr=False)
 
     @property
@@ -168,7 +171,8 @@ def _checkpoint_id(folder: Path) -> str:
     return f"{folder.resolve().name}:{digest}"
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               adapter: str | os.PathLike | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     Parameters
@@ -178,6 +182,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
         Hugging Face checkpoint directory.
     dtype
         Weight dtype; float32 is fastest and exact on CPU.
+    adapter
+        A memory adapter folder (``kvmap finetune``'s output) trained on this model: it acts whenever the
+        model imports memories, and nowhere else.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,4 +203,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"cannot load model from {folder}: {str(err).splitlines()[0]}") from None
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id)
+    if adapter is not None:
+        from kvmap.models.adapter import load_adapter
+
+        load_adapter(model, adapter, model_id)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id,
+                       adapter=str(adapter) if adapter is not None else None)

@@ -63,9 +63,11 @@ class TensorMemory:
         return k[0], v[0]  # (H, M, d)
 
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k by inner product: queries (H, Q, d) -> scores, ids (H, Q, k'), k' = min(k, M)."""
+        """Exact top-k by inner product: queries (H, Q, d) -> scores, ids (H, Q, k'), k' = min(k, M).
+        Not differentiable (the choice is discrete; gradients reach queries through the attention over
+        what :meth:`fetch` returns), so a training step keeps no (H, Q, M) score graph."""
         keys, _ = self._first(layer)
-        scores = torch.einsum("hqd,hmd->hqm", queries.float(), keys.detach().float())
+        scores = torch.einsum("hqd,hmd->hqm", queries.detach().float(), keys.detach().float())
         return scores.topk(min(k, keys.shape[1]), dim=-1)
 
     def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ def train_bridge(module: BridgeModule, data: BridgeDataModule, out: Path, max_st
     path = module.adapter.save(out / "adapter.safetensors")
     write_json_atomic(out / "training.json", {"steps": trainer.global_step, "seconds": round(time.perf_counter() - began, 1),
                                               "hparams": dict(module.hparams), "data": dict(data.hparams)}, indent=2)
-    plot_curves(out / "metrics.csv", out / "training.png", module.task)
+    plot_curves(out / "metrics.csv", out / "training.png", f"bridge {module.task}: adapter training")
     return path
 
 
@@ -92,7 +92,7 @@ def plot_curves(csv_path: Path, png: Path, title: str) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         ax.legend()
-    fig.suptitle(f"bridge {title}: adapter training")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
