@@ -63,10 +63,13 @@ class AdapterInfo:
     """How the weights were trained (steps, data, settings): written by ``kvmap finetune``."""
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
+MARK = "_kvmap_lora_layers"
+"""Attribute :func:`add_adapter` sets on the model: its LoRA layers, so that every ``port.importing`` of a model
+without an adapter costs one ``getattr`` (no peft import, no walk over the modules)."""
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    return list(getattr(model, MARK, ()))
 
 
 def has_adapter(model: nn.Module) -> bool:
@@ -93,6 +96,9 @@ def add_adapter(model: nn.Module, settings: AdapterSettings | None = None, seed:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none")
     inject_adapter_in_model(config, model)
+    from peft.tuners.lora import LoraLayer
+
+    object.__setattr__(model, MARK, tuple(m for m in model.modules() if isinstance(m, LoraLayer)))
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
