@@ -73,6 +73,11 @@ class DataSettings:
     not to answer with it. 0 for the first adapter (``memory-adapter``), which was trained without it."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.n_val_stories < 2 or self.n_stories < self.n_val_stories + 2:
+            raise InputError(f"{self.n_stories} stories with {self.n_val_stories} held out leave too few: each split "
+                             "needs 2 or more (a target and a negative); give more stories")
+
 
 @dataclass
 class TuningExample:

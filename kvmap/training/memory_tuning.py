@@ -162,9 +162,9 @@ def finetune(out: str | Path, model: str | None = None, steps: int = 500, batch_
     if _finished_steps(out) >= steps and (out / "adapter" / "adapter.json").is_file():
         return out / "adapter"
     settings, data_settings = settings or AdapterSettings(), data_settings or DataSettings()
+    stories = train_stories(data_settings.n_stories, data_settings.seed)  # checked before the model loads
     lm = lm or load_model(model)
     params = add_adapter(lm.model, settings, seed=data_settings.seed)
-    stories = train_stories(data_settings.n_stories, data_settings.seed)
     reader = ReaderConfig()
     pool = build_pool(lm, stories, cache_dir() / "finetune" / f"pool-{pool_key(lm.model_id, data_settings, reader)}",
                       reader, progress=progress)
