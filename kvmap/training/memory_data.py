@@ -132,6 +132,7 @@ class TuningData:
                              "build it again with build_pool")
         self.stories = [(s, position[s["story"]]) for s in stories]
         self._ids: dict[int, list[int]] = {}
+        self._ends: dict[int, list[int]] = {}  # segment -> token indices right after a sentence end
         n_val = self.settings.n_val_stories
         self.split_stories = {"val": self.stories[:n_val], "train": self.stories[n_val:]}
 
@@ -199,7 +200,10 @@ class TuningData:
         ids, segment, _ = pieces[at]
         statement = " " + fact[2][0].format(key=fact[0], value=fact[1])
         fact_ids = self.tok(statement, add_special_tokens=False)["input_ids"]
-        ends = [i + 1 for i, t in enumerate(ids[:-1]) if self.tok.decode([t]).rstrip().endswith((".", "!", "?"))]
+        if segment not in self._ends:  # one decode per token: done once per story, not once per example
+            self._ends[segment] = [i + 1 for i, t in enumerate(ids[:-1])
+                                   if self.tok.decode([t]).rstrip().endswith((".", "!", "?"))]
+        ends = self._ends[segment]
         lo = max(1, len(ids) - within_last + len(fact_ids) + 1) if within_last else 1
         cut = rng.choice([e for e in ends if e >= lo] or [len(ids)])
         exported = self._export(ids[max(0, cut - 256):cut], fact_ids)
