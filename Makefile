@@ -34,10 +34,13 @@ clean-venv:
 # rebuilt from the run files at the end. `make bench-dev` reruns the dev-part runs in RESULTS.md (about 4
 # hours on this 2-core CPU); `make bench` the test-part grid; `make bench-full` the whole grid the harness
 # supports (n=50 per cell, lengths to 128k): days on this CPU, hours on a workstation.
-PASSKEY_METHODS := none,truncate,truncate-tail,full,kvmap,kvmap:distance=64,kvmap:distance=1024,kvmap-fixed
+PASSKEY_METHODS := none,truncate,truncate-tail,full,kvmap:local=0,kvmap:distance=64:local=0,kvmap:distance=1024:local=0,kvmap-fixed:local=0
 KVMAP_METHODS := oracle,none,full,truncate,streaming,yarn:max_tokens=12000,rag-bm25,rag-embed,kvmap,kvmap-block,kvmap-splice,kvmap-splice-bm25
-FQA_SPLICE_VARIANTS := kvmap-splice-bm25:neighbours=1,kvmap-splice-bm25:n_blocks=16,kvmap-splice-bm25:n_blocks=4,kvmap-splice-bm25:block_size=128:n_blocks=4
-FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap,kvmap-fixed,kvmap-block,kvmap-block-fixed,kvmap-bm25,kvmap-splice,kvmap-splice-layerwise,kvmap-splice-bm25,kvmap-splice:n_blocks=16
+# The dev runs were made when every kvmap method sent the whole context to memory (`local=0`, the
+# seed's setting); since then a method keeps the recent context up to the window unless it says local=0.
+SEED_KVMAP_METHODS := oracle,none,full,truncate,streaming,yarn:max_tokens=12000,rag-bm25,rag-embed,kvmap:local=0,kvmap-block:local=0,kvmap-splice:local=0,kvmap-splice-bm25:local=0
+FQA_SPLICE_VARIANTS := kvmap-splice-bm25:neighbours=1:local=0,kvmap-splice-bm25:n_blocks=16:local=0,kvmap-splice-bm25:n_blocks=4:local=0,kvmap-splice-bm25:block_size=128:n_blocks=4:local=0
+FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap:local=0,kvmap-fixed:local=0,kvmap-block:local=0,kvmap-block-fixed:local=0,kvmap-bm25:local=0,kvmap-splice:local=0,kvmap-splice-layerwise:local=0,kvmap-splice-bm25:local=0,kvmap-splice:n_blocks=16:local=0
 
 # The grid (issue 15), on the test part: passkey, NIAH single + multikey, bAbI qa1 + qa2, FairytaleQA at 4k,
 # 16k and 64k (NIAH single also 128k), every method of kvmap/eval/grid.py on the same examples. Resumable; each
@@ -52,11 +55,11 @@ bench: $(STAMP)
 bench-dev: $(STAMP)
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods $(PASSKEY_METHODS) --out runs/passkey-16k
 	$(BIN)/kvmap eval passkey --lengths 64k --limit 20 --methods $(PASSKEY_METHODS) --out runs/passkey-64k
-	$(BIN)/kvmap eval fairytaleqa --lengths 4k --limit 5 --methods oracle,none,full,truncate,streaming,yarn,rag-bm25,rag-embed,kvmap,kvmap-fixed,kvmap-block,kvmap-block-fixed,kvmap-bm25,kvmap-bm25:placement=fixed,kvmap-block:n_blocks=32,kvmap-block:neighbours=1,kvmap-splice-bm25,kvmap-splice,kvmap-splice-layerwise --out runs/fairytaleqa-4k-pilot
+	$(BIN)/kvmap eval fairytaleqa --lengths 4k --limit 5 --methods oracle,none,full,truncate,streaming,yarn,rag-bm25,rag-embed,kvmap:local=0,kvmap-fixed:local=0,kvmap-block:local=0,kvmap-block-fixed:local=0,kvmap-bm25:local=0,kvmap-bm25:placement=fixed:local=0,kvmap-block:n_blocks=32:local=0,kvmap-block:neighbours=1:local=0,kvmap-splice-bm25:local=0,kvmap-splice:local=0,kvmap-splice-layerwise:local=0 --out runs/fairytaleqa-4k-pilot
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods $(FQA_METHODS) --out runs/fairytaleqa-16k
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods $(FQA_SPLICE_VARIANTS) --out runs/fairytaleqa-16k
-	$(BIN)/kvmap eval niah --lengths 4k --limit 10 --methods $(KVMAP_METHODS) --out runs/niah-single
-	$(BIN)/kvmap eval babi --qa 1 --lengths 4k --limit 10 --methods $(KVMAP_METHODS) --out runs/babi-qa1
+	$(BIN)/kvmap eval niah --lengths 4k --limit 10 --methods $(SEED_KVMAP_METHODS) --out runs/niah-single
+	$(BIN)/kvmap eval babi --qa 1 --lengths 4k --limit 10 --methods $(SEED_KVMAP_METHODS) --out runs/babi-qa1
 	$(MAKE) report
 
 # Cross-model memory (issue 4): train the limb policy, then each bridge's adapter, and score every
@@ -87,10 +90,10 @@ bench-bridges: $(STAMP) $(LIMB_CKPT)
 # which layers passkey needs. About 5 h on this CPU.
 SCALE_DIR := $(HOME)/.cache/kvmap/scale
 bench-scale: $(STAMP)
-	$(BIN)/kvmap eval passkey --lengths 1k,10k --limit 10 --methods none,kvmap --out runs/scale/passkey
-	$(BIN)/kvmap eval passkey --lengths 100k --limit 3 --methods none,kvmap --out runs/scale/passkey
-	$(BIN)/kvmap eval passkey --lengths 1k,10k --limit 10 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
-	$(BIN)/kvmap eval passkey --lengths 100k --limit 3 --methods none,kvmap:reuse=64:reuse_next=8 --out runs/scale/passkey-reuse
+	$(BIN)/kvmap eval passkey --lengths 1k,10k --limit 10 --methods none,kvmap:local=0 --out runs/scale/passkey
+	$(BIN)/kvmap eval passkey --lengths 100k --limit 3 --methods none,kvmap:local=0 --out runs/scale/passkey
+	$(BIN)/kvmap eval passkey --lengths 1k,10k --limit 10 --methods none,kvmap:reuse=64:reuse_next=8:local=0 --out runs/scale/passkey-reuse
+	$(BIN)/kvmap eval passkey --lengths 100k --limit 3 --methods none,kvmap:reuse=64:reuse_next=8:local=0 --out runs/scale/passkey-reuse
 	$(BIN)/kvmap bench scale --tokens 1M --build-only
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10
 	$(BIN)/kvmap bench scale --tokens 1M --trials 10 --reuse 64 --reuse-next-best 0 --out runs/scale/filler-1m-reuse64-next8

@@ -9,9 +9,10 @@ from kvmap.eval.methods import check_methods, import_config, local_tokens
 
 
 def test_local_is_a_runner_option_of_every_kvmap_method():
-    assert local_tokens("kvmap:local=4096:top_k=8") == 4096 and local_tokens("kvmap-splice-bm25") == 0
+    assert local_tokens("kvmap:local=4096:top_k=8") == 4096 and local_tokens("kvmap-splice-bm25:local=0") == 0
+    assert local_tokens("kvmap-splice-bm25") is None  # the default: as much as fits the window
     assert import_config("kvmap:local=4096:top_k=8").top_k == 8  # not an ImportConfig field
-    for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"]):
+    for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"], ["kvmap-splice-bm25:tail_import=1"]):
         with pytest.raises(InputError):
             check_methods(bad)
 
@@ -31,16 +32,21 @@ def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_spl
     runner = GroupRunner(lm, examples, tmp_path, max_new_tokens=8)
     try:
         tail = runner.answer("truncate-tail")[0]
-        for method in ("kvmap:local=8000", "kvmap-splice-bm25:local=8000", "kvmap-block:local=8000"):
+        for method in ("kvmap", "kvmap:local=8000", "kvmap-splice-bm25", "kvmap-block:local=8000"):
             got = runner.answer(method)[0]
             assert got.text == tail.text, method  # same prompt, no memory: the same greedy answer
             assert runner.ingest == {}
         # a window of 300 tokens left for the context: the rest is read into a memory of what lies before
         prompt = max(len(b) + len(a) for b, a in (prompt_parts(lm.tokenizer, ex, True) for ex in examples))
         runner.window = 300 + prompt + runner.max_new_tokens
-        answer = runner.answer("kvmap:local=8000")[0]
+        answer = runner.answer("kvmap")[0]
         assert answer.text and runner.ingest["tokens"] > 0
+        assert answer.extra["context_s"] > 0  # the tail prefilled once without memory, as truncation reads it
+        per_question = runner.answer("kvmap:tail_import=1")[0]  # the tail read with import, per question
+        assert per_question.text and "context_s" not in per_question.extra
         assert runner.ingest["tokens"] < len(runner.context_ids) - 250  # only the context before the tail
+        runner.answer("kvmap:local=0")
+        assert runner.ingest["tokens"] >= len(runner.context_ids) - 2  # the seed's setting: all of it
         assert runner.answer("kvmap-splice-bm25:local=8000:n_blocks=1:block_size=16")[0].text
     finally:
         runner.close()

@@ -8,6 +8,7 @@ the group's questions).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -61,6 +62,25 @@ def read_memory(lm, path, source: str, docs: list[str], store: str = "exact", re
 # Running one method on a group of examples that share a context.
 
 
+@dataclass
+class SharedPrefix:
+    """A group's shared prompt start and context tokens, prefilled once; each question is read after it."""
+
+    tok: object
+    cache: object
+    n_tokens: int
+    cost: dict
+    """``context_s`` (the runner divides it over the group's questions) and the prefill's tokens per second."""
+
+    def rest_of_prompt(self, ex: Example) -> list[int]:
+        """Crops the cache back to the shared prefix (dropping the previous question and answer) and returns
+        the rest of ``ex``'s prompt, to read after it."""
+        extra = self.cache.get_seq_length() - self.n_tokens
+        if extra > 0:
+            self.cache.crop(-extra)
+        return prompt_parts(self.tok, ex, True)[1]
+
+
 class GroupRunner:
     """Answers a group's questions with any method; builds shared state (memory, caches) once."""
 
@@ -98,15 +118,16 @@ class GroupRunner:
         self.ingest = self._ingests[local]
         return self._memories[local]
 
-    def _split_context(self, local: int, reserve: int = 0) -> tuple[object | None, list[int]]:
+    def _split_context(self, local: int | None, reserve: int = 0) -> tuple[object | None, list[int]]:
         """(memory of what lies before the tail, the tail): the last context tokens a ``local`` option keeps in
-        the prompt, at most ``local`` and what fits the window next to every question's prompt, the answer and
-        ``reserve`` spliced tokens; the memory is ``None`` when the tail is the whole context."""
+        the prompt, at most ``local`` (None: no limit) and what fits the window next to every question's
+        prompt, the answer and ``reserve`` spliced tokens; the memory is ``None`` when the tail is the whole
+        context."""
         n = 0
-        if local:
+        if local is None or local > 0:
             parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
             room = self.window - max(len(b) + len(a) for b, a in parts) - self.max_new_tokens - reserve
-            n = max(0, min(local, len(self.context_ids), room))
+            n = max(0, min(len(self.context_ids), room) if local is None else min(local, len(self.context_ids), room))
         return self.memory(n), self.context_ids[len(self.context_ids) - n:] if n else []
 
     def close(self) -> None:
@@ -125,7 +146,8 @@ class GroupRunner:
         if base.startswith("kvmap-splice"):
             return self._splice(import_config(method), choice=base.rpartition("-")[2], local=local_tokens(method))
         if base in KVMAP_PRESETS:
-            return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method))
+            return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method),
+                               tail_import=bool(options.get("tail_import", 0)))
         opts = {**BASELINE_OPTIONS.get(base, {}), **options}
         if base == "none":
             return [self._plain(ex, None) for ex in self.examples]
@@ -193,24 +215,25 @@ class GroupRunner:
 
     def _shared_context(self, context_ids: list[int], fits_window: bool) -> list[Generation | str]:
         """Prefill [before, context] once, then answer each question from a copy of that cache."""
-        befores = {tuple(prompt_parts(self.tok, ex, True)[0]) for ex in self.examples}
-        assert len(befores) == 1, "examples of a group share the prompt start"
-        before = list(befores.pop())
+        before = self._shared_before()
         total = len(before) + len(context_ids) + max(len(prompt_parts(self.tok, ex, True)[1]) for ex in self.examples)
         if fits_window and total + self.max_new_tokens > self.window:
             return [f"{total} prompt tokens exceed the {self.window}-token window"] * len(self.examples)
+        shared = self._shared_prefill(context_ids)
+        return [self._generate(shared.rest_of_prompt(ex), shared.cache, **shared.cost) for ex in self.examples]
+
+    def _shared_before(self) -> list[int]:
+        befores = {tuple(prompt_parts(self.tok, ex, True)[0]) for ex in self.examples}
+        assert len(befores) == 1, "examples of a group share the prompt start"
+        return list(befores.pop())
+
+    def _shared_prefill(self, context_ids: list[int]) -> "SharedPrefix":
+        """[before, context] prefilled once for the group (no memory attached)."""
+        ids = self._shared_before() + list(context_ids)
         began = time.perf_counter()
-        cache, _ = prefill(self.model, before + context_ids)
-        shared_s = time.perf_counter() - began
-        n = len(before) + len(context_ids)
-        out = []
-        for ex in self.examples:
-            extra = cache.get_seq_length() - n
-            if extra > 0:
-                cache.crop(-extra)  # drop the previous question and answer
-            out.append(self._generate(prompt_parts(self.tok, ex, True)[1], cache, context_s=shared_s,
-                                      context_prefill_tok_s=n / shared_s))
-        return out
+        cache, _ = prefill(self.model, ids)
+        seconds = time.perf_counter() - began
+        return SharedPrefix(self.tok, cache, len(ids), {"context_s": seconds, "context_prefill_tok_s": len(ids) / seconds})
 
     def _yarn(self, max_tokens: int) -> list[Generation | str]:
         import math
@@ -245,7 +268,7 @@ class GroupRunner:
         answer.seconds = time.perf_counter() - began + chose_s  # choosing and splicing follow the question
         return answer
 
-    def _splice(self, config: ImportConfig, choice: str, local: int = 0) -> list[Generation]:
+    def _splice(self, config: ImportConfig, choice: str, local: int | None = None) -> list[Generation]:
         """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
@@ -273,14 +296,20 @@ class GroupRunner:
             out.append(answer)
         return out
 
-    def _kvmap(self, config: ImportConfig, text_choice: bool = False, local: int = 0) -> list[Generation]:
+    def _kvmap(self, config: ImportConfig, text_choice: bool = False, local: int | None = None,
+               tail_import: bool = False) -> list[Generation]:
+        """Memories imported while the question is read and the answer decoded. The recent context kept in the
+        prompt (the tail) is ordinary context, prefilled once for the group without memory, as truncation reads
+        it; ``tail_import``: the tail is read with memory import too, once per question (the first ``local``
+        rows, which cost about 100 s an answer at a 4k tail on this CPU)."""
         memory, tail = self._split_context(local)
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
+        shared = self._shared_prefill(tail) if tail and not tail_import else None
         out = []
         for ex in self.examples:
             before, after = prompt_parts(self.tok, ex, bool(tail))
-            prompt = before + tail + after if tail else before
+            prompt = shared.rest_of_prompt(ex) if shared else before + tail + after if tail else before
             began = time.perf_counter()
             if text_choice:
                 from kvmap.splice import bm25_block_ids
@@ -288,7 +317,7 @@ class GroupRunner:
                 blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
                 config = config.with_options(fixed_blocks=tuple(blocks))
             with self.port.importing(memory, config):
-                answer = self._generate(prompt)
+                answer = (self._generate(prompt, shared.cache, **shared.cost) if shared else self._generate(prompt))
             answer.seconds = time.perf_counter() - began
             out.append(answer)
         return out

@@ -12,7 +12,8 @@ A method name is a base name with optional ``:KEY=VALUE`` options, e.g. ``kvmap:
 - ``yarn``: full attention over the whole context, RoPE stretched by YaRN (transformers'
   ``rope_type="yarn"``, factor = context / window), up to ``max_tokens`` (cost grows quadratically);
 - ``rag-bm25`` / ``rag-embed``: the best passages (BM25 / MiniLM embeddings) up to ``budget`` tokens;
-- ``kvmap*``: the context read into a memory; the prompt holds only the instruction and question.
+- ``kvmap*``: the context beyond what fits the window read into a memory; the prompt holds the instruction,
+  the most recent context (``local``, see KVMAP_RUNNER_OPTIONS) and the question.
   ``kvmap`` (token-level, ordered placement), ``kvmap-fixed`` (the seed's placement),
   ``kvmap-block`` (InfLLM-style 64-token blocks chosen by the question, contiguous before the
   prompt), ``kvmap-block-fixed`` (the same blocks at position 0); options are ImportConfig fields.
@@ -49,12 +50,16 @@ see :mod:`kvmap.splice`), summed over every layer and head, so all layers get th
 would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own choice (all the
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
-KVMAP_RUNNER_OPTIONS = {"local": 0}
+KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0}
 """Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
 tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
 as ordinary attention context, and only the context before them goes to memory; where the whole context
-fits, nothing does, and the method reads the context as truncation does. 0 (the default): everything goes
-to memory and the prompt holds only the instruction and question, as before."""
+fits, nothing does, and the method reads the context as truncation does. The default (no ``local``): as
+much as fits the window, so that memory only adds to what the model sees. ``local=0``: everything goes to
+memory and the prompt holds only the instruction and question, the seed's setting (run files before
+2026-12-01 were written with it and name it so). The recent context is read without memory, as truncation
+reads it, and memories come in from the question on; ``tail_import=1`` (token-level methods): the recent
+context imports memories too, as the first ``local`` rows did, at many times the cost."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
@@ -102,10 +107,11 @@ def uses_adapter(name: str) -> bool:
     return base in KVMAP_PRESETS and bool(options.get("adapter", 0))
 
 
-def local_tokens(name: str) -> int:
-    """A kvmap method's ``local`` option: how many of the most recent context tokens stay in the prompt (0: none)."""
+def local_tokens(name: str) -> int | None:
+    """A kvmap method's ``local`` option: how many of the most recent context tokens stay in the prompt at
+    most (0: none; None, the default: as many as fit the window)."""
     local = parse_method(name)[1].get("local", KVMAP_RUNNER_OPTIONS["local"])
-    if local < 0:
+    if local is not None and local < 0:
         raise InputError(f"method '{name}': local takes a token count of 0 or more, not {local}")
     return local
 
@@ -120,6 +126,9 @@ def check_methods(names: list[str]) -> None:
             try:
                 import_config(name)
                 local_tokens(name)
+                if base.startswith("kvmap-splice") and "tail_import" in parse_method(name)[1]:
+                    raise InputError(f"method '{name}': tail_import is an option of the import methods; a splice "
+                                     "method reads its recent context as ordinary context already")
             except (ValueError, TypeError) as err:  # e.g. options of two retrieval modes at once
                 raise InputError(f"method '{name}': {err}") from None
 

@@ -12,7 +12,7 @@ from kvmap.eval.plots import plot_link, plot_path, pyplot
 def diagnosis_section(path: Path, out_dir: Path) -> list[str]:
     d = json.loads(Path(path).read_text())
     lines = [f"## Diagnosis: where imported memories pull decoding ({d['part']} part, {d['length']} tokens)", "",
-             f"Token-level import (`kvmap`), {d['n']} examples per task, model `{d['model']}`. *memory share*: the "
+             f"Token-level import (`kvmap:local=0`, the whole context in memory), {d['n']} examples per task, model `{d['model']}`. *memory share*: the "
              "attention mass that imported memories take, mean over decode steps, layers and query heads (the "
              "rest goes to the prompt); *most-attended on target*: how often the memory a head attends most lies "
              "in the needle sentence or the gold passage; then the memory tokens attended most, over all "

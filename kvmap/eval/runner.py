@@ -115,8 +115,9 @@ def _row(ex, method: str, answer, runner: GroupRunner) -> dict:
     context_s = extra.pop("context_s", 0.0)  # a prefill of the shared context
     if method.startswith(("kvmap", "streaming")) and runner.ingest:
         row["ingest"] = runner.ingest
-        # kvmap's context cost is its ingest, as measured (less where chunks of a shared haystack were reused)
-        context_s = runner.ingest["seconds"]
+        # kvmap's context cost is its ingest, as measured (less where chunks of a shared haystack were reused),
+        # plus the shared prefill of the recent context it keeps in the prompt, if any
+        context_s = runner.ingest["seconds"] + context_s
     row.update(output=answer.text, **score(ex.scorer, answer.text, ex.answers), answer_s=answer.seconds,
                context_s_per_example=None if context_s is None else context_s / runner.group_size,
                decode_ms_per_token=answer.decode_ms_per_token, prompt_tokens=answer.prefill_tokens,
