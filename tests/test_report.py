@@ -57,6 +57,17 @@ def test_a_cell_in_two_run_folders_is_an_error(tmp_path, capsys):
     assert "two run folders" in err and "kvmap at 1000" in err and len(err.strip().splitlines()) == 1
 
 
+def test_two_adapters_rows_are_two_cells_named_by_the_adapter_run(tmp_path):
+    for name, score in (("memory-adapter", 1.0), ("memory-adapter-v2", 0.0)):
+        folder = tmp_path / "runs" / name
+        write_run(folder, "passkey", [row(0, "kvmap:adapter=1", score)], ["kvmap:adapter=1"], [1000])
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        (folder / "config.yaml").write_text(yaml.safe_dump({**config, "adapter": f"runs/finetune/{name}/adapter"}))
+    text = report(tmp_path)
+    assert "| kvmap:adapter=1@memory-adapter | 100.0%" in text
+    assert "| kvmap:adapter=1@memory-adapter-v2 | 0.0%" in text
+
+
 def test_methods_listed_without_predictions_are_named(tmp_path):
     write_run(tmp_path / "runs" / "a", "passkey", [row(0, "kvmap", 1.0)], ["kvmap", "kvmap-block"], [1000])
     assert "kvmap-block at 1000 in `a`" in report(tmp_path)

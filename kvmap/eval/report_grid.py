@@ -67,12 +67,20 @@ def _label(config: dict) -> tuple[str, str]:
     return (f"{config['task']} ({variant})" if variant else config["task"]), key
 
 
+def shown_method(method: str, config: dict) -> str:
+    """The name a row is reported under: a method that imports with a memory adapter gets the adapter's run
+    name (``kvmap:adapter=1@memory-adapter-v2``), so that two adapters' rows are two cells, never one."""
+    adapter = config.get("adapter")
+    tuned = "adapter=1" in method.split(":")[1:]  # not parsed: a row's method may name an option since removed
+    return f"{method}@{Path(adapter).parent.name}" if adapter and tuned else method
+
+
 def load_sections(folders: list[Path]) -> list[Section]:
     """Every run folder's rows, grouped by task (variant) and part; KVMapError for a cell in two folders."""
     sections: dict[tuple[str, str], Section] = {}
     for folder in folders:
         config = yaml.safe_load((folder / "config.yaml").read_text())
-        rows = read_jsonl(folder / "predictions.jsonl")
+        rows = [{**r, "method": shown_method(r["method"], config)} for r in read_jsonl(folder / "predictions.jsonl")]
         part = part_of_run(config)
         label, key = _label(config)
         section = sections.setdefault((label, part), Section(config["task"], label, part, key))
@@ -87,8 +95,8 @@ def load_sections(folders: list[Path]) -> list[Section]:
                 section.cells[where], section.owner[where] = cell, folder
         section.rows += [r for r in rows if "score" in r]
         have = {(r["length"], r["method"]) for r in rows}
-        section.unrun += [f"{m} at {x} in `{folder.name}`" for x in config["lengths"] for m in config["methods"]
-                          if (x, m) not in have]
+        section.unrun += [f"{m} at {x} in `{folder.name}`" for x in config["lengths"]
+                          for m in (shown_method(m, config) for m in config["methods"]) if (x, m) not in have]
     return sorted(sections.values(), key=lambda s: (s.label, s.part != "test"))
 
 
