@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean-venv bench bench-dev bench-full bench-bridges bench-scale report finetune
+.PHONY: demo test venv clean-venv bench bench-dev bench-full bench-bridges bench-scale report finetune finetune-v2 bench-adapter-dev
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,26 @@ $(LIMB_CKPT): | $(STAMP)
 # dev rows used the step-200 checkpoint of this 500-step schedule (training.json).
 finetune: $(STAMP)
 	$(BIN)/kvmap finetune --out runs/finetune/memory-adapter --steps 500 --batch-size 4 --lr 1e-3
+
+# The second adapter: the same data, but half the planted-fact memories start with the task instruction, as
+# NIAH's context does (the first adapter's misses answered with the instruction), 300 steps.
+finetune-v2: $(STAMP)
+	$(BIN)/kvmap finetune --out runs/finetune/memory-adapter-v2 --steps 300 --batch-size 4 --lr 1e-3 --instruction-in-memory 0.5
+
+# Dev rows of the default kvmap methods (the recent context kept, memories imported from the question on)
+# and of the second adapter, on the same dev examples as the earlier rows (about 1 h on this CPU).
+V2 := runs/finetune/memory-adapter-v2/adapter
+bench-adapter-dev: $(STAMP)
+	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --methods kvmap,kvmap-splice-bm25 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 4k --limit 10 --methods kvmap,kvmap-block,kvmap-splice,kvmap-splice-bm25 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 4k,16k --limit 10 --methods kvmap:adapter=1:local=0,kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/niah-single
+	$(BIN)/kvmap eval babi --qa 1 --lengths 4k --limit 10 --methods kvmap:adapter=1:local=0 --adapter $(V2) --out runs/adapter-v2/babi-qa1
+	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap --out runs/passkey-16k
+	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap:adapter=1:local=0,kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/passkey-16k
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 20 --methods kvmap,kvmap-splice-bm25 --out runs/fairytaleqa-16k
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 20 --methods kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/fairytaleqa-16k
+	$(BIN)/python benchmarks/adapter_side_effects.py --adapter $(V2)
+	$(MAKE) report
 
 bench-bridges: $(STAMP) $(LIMB_CKPT)
 	$(BIN)/kvmap bridge train --task text-text --steps 200

@@ -88,9 +88,11 @@ def _retell(lm, port, memory, n_tales: int) -> list[tuple[str, float, float]]:
     return out
 
 
-def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = False, adapter: str | None = None) -> int:
+def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = False, adapter: str | None = None,
+             record: str | None = None) -> int:
     """Build (or reuse) the tale memory; answer the demo questions with memory (the best mode), without it and
-    with the seed's token-level import (through ``adapter`` when given); then retell three tales."""
+    with the seed's token-level import (through ``adapter`` when given); then retell three tales. ``record``:
+    a JSON file for every answer and score, so that RESULTS.md quotes the demo from a run file."""
     from kvmap.config import ImportConfig
 
     began = time.perf_counter()
@@ -100,12 +102,14 @@ def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = F
           f"(SmolLM2's window is {lm.model.config.max_position_embeddings} tokens).\n")
     token_level = ImportConfig()  # the seed's import; with the memory adapter on when one is loaded
     hits = {"with memory": 0, "without memory": 0, "token-level import": 0}
+    log: list[dict] = []
     for question, expected in QUESTIONS:
         answers = _answers(lm, port, memory, question, token_level)
         print(f"Q: {question}")
         for name, answer in answers.items():
             ok = any(w in answer.text.lower() for w in expected)
             hits[name] += ok
+            log.append({"question": question, "way": name, "answer": answer.text, "correct": ok})
             label = name + (" (adapter)" if name == "token-level import" and adapter else "")
             print(f"  {label:26s} [{'ok' if ok else '--'}] {answer.text}")
         top = list(answers["with memory"].source_shares.items())[:3]
@@ -113,7 +117,26 @@ def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = F
     n = len(QUESTIONS)
     print("Answers containing the expected words: " + ", ".join(f"{k} {v}/{n}" for k, v in hits.items()) + ".")
     print("\nRetelling (ROUGE-L F1 against the tale's first 150 words):")
-    for title, with_mem, without in _retell(lm, port, memory, n_tales):
+    retold = _retell(lm, port, memory, n_tales)
+    for title, with_mem, without in retold:
         print(f"  {title:38s} with memory {with_mem:.3f}, without {without:.3f}")
-    print(f"({time.perf_counter() - began:.0f}s in all)")
+    seconds = time.perf_counter() - began
+    print(f"({seconds:.0f}s in all)")
+    if record:
+        _record(Path(record), memory, adapter, hits, log, retold, seconds)
     return 0
+
+
+def _record(path: Path, memory, adapter: str | None, hits: dict, log: list[dict], retold: list, seconds: float) -> None:
+    from statistics import mean
+
+    from kvmap.fileio import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {
+        "memory_tokens": memory.n_tokens, "tales": len(memory.sources()), "adapter": adapter,
+        "questions": len(QUESTIONS), "correct": {k.replace(" ", "_").replace("-", "_"): v for k, v in hits.items()},
+        "answers": log, "seconds": seconds,
+        "retelling": {"tales": [{"title": t, "with_memory": w, "without_memory": wo} for t, w, wo in retold],
+                      "mean_with_memory": mean(w for _, w, _ in retold) if retold else None,
+                      "mean_without_memory": mean(wo for _, _, wo in retold) if retold else None}}, indent=1)

@@ -120,7 +120,8 @@ def cmd_demo(args) -> int:
         raise InputError(f"--tales must be 1 or more, got {args.tales}")
     if args.memory:
         checks.memory_folder(args.memory, create=True)
-    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild, adapter=args.adapter)
+    return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild, adapter=args.adapter,
+                    record=args.record)
 
 
 def _add_bridge(sub) -> None:
@@ -162,4 +163,6 @@ def add_parsers(sub) -> None:
     d.add_argument("--tales", type=int, default=28, help="how many Grimm tales to remember (28, about 63k tokens)")
     d.add_argument("--rebuild", action="store_true", help="read the tales again")
     d.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`) for the token-level answers")
+    d.add_argument("--record", help="also write the answers and scores to this JSON file (runs/demo/demo.json "
+                   "is the one RESULTS.md quotes)")
     d.set_defaults(func=cmd_demo)
