@@ -227,7 +227,7 @@ class GroupRunner:
         assert len(befores) == 1, "examples of a group share the prompt start"
         return list(befores.pop())
 
-    def _shared_prefill(self, context_ids: list[int]) -> "SharedPrefix":
+    def _shared_prefill(self, context_ids: list[int]) -> SharedPrefix:
         """[before, context] prefilled once for the group (no memory attached)."""
         ids = self._shared_before() + list(context_ids)
         began = time.perf_counter()
