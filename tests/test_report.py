@@ -136,3 +136,18 @@ def test_the_grid_cost_table_sums_the_measured_slices(tmp_path):
         '{"slice": "2-b", "wall_s": 1800, "cpu_s": 3600, "finished": "t2"}\n')
     text = report(tmp_path)
     assert "| 1-a | 1.00 | 2.00 | t1 |" in text and "| all finished | 1.50 | 3.00 | |" in text
+
+
+def test_the_finetune_section_lists_each_adapter_run_with_its_data_settings(tmp_path):
+    for name, share in (("memory-adapter", None), ("memory-adapter-v2", 0.5)):
+        folder = tmp_path / "runs" / "finetune" / name
+        (folder / "adapter").mkdir(parents=True)
+        data = {"n_stories": 40} if share is None else {"n_stories": 40, "instruction_in_memory": share}
+        (folder / "training.json").write_text(json.dumps({"steps": 20, "batch_size": 4, "train_wall_s": 60.0,
+                                                          "train_cpu_s": 120.0, "data": data}))
+        (folder / "adapter" / "adapter.json").write_text(json.dumps({"settings": {"rank": 8, "targets": ["q_proj"]}}))
+        (folder / "metrics.csv").write_text("epoch,step,train/accuracy,train/loss,val/accuracy,val/loss\n"
+                                            "0,0,,,0.5,1.5\n0,9,1.0,0.2,,\n0,19,,,0.75,0.4\n")
+    text = report(tmp_path)
+    assert "| `memory-adapter` | 20 × 4 | 0% | 0.03 CPU-h (1 min wall) | r=8 on q_proj | 1.50 → 0.40 | 50% → 75% |" in text
+    assert "| `memory-adapter-v2` | 20 × 4 | 50% |" in text

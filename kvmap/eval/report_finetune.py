@@ -23,8 +23,12 @@ def finetune_section(runs: list[Path], out_dir: Path) -> list[str]:
              "their own vocabulary, and the stories' explicit questions; other stories as hard negatives). "
              "*val*: held-out train stories, teacher-forced: *accuracy* = every answer token is the model's top "
              "choice. Step 0 is the base model (the adapter starts as the identity).", "",
-             "| run | steps × batch | training time | LoRA | val loss (step 0 → last) | val accuracy (step 0 → last) |",
-             "|---|---|---|---|---|---|"]
+             "*instruction in memory*: the share of planted-fact examples whose memory starts with the task "
+             "instruction, as NIAH's context does. Each run's *val* examples are drawn with its own data settings, "
+             "so val figures compare steps within a run, not runs.", "",
+             "| run | steps × batch | instruction in memory | training time | LoRA | val loss (step 0 → last) | "
+             "val accuracy (step 0 → last) |",
+             "|---|---|---|---|---|---|---|"]
     plots = []
     for folder in runs:
         training = json.loads((folder / "training.json").read_text())
@@ -34,7 +38,8 @@ def finetune_section(runs: list[Path], out_dir: Path) -> list[str]:
         untracked = training.get("untracked_attempts", [])  # attempts whose time was measured outside the run
         cpu = training.get("train_cpu_s", 0) + sum(a["cpu_s"] for a in untracked)
         wall = training.get("train_wall_s", 0) + sum(a["wall_s"] for a in untracked)
-        lines.append(f"| `{folder.name}` | {training['steps']} × {training['batch_size']} | "
+        in_memory = training.get("data", {}).get("instruction_in_memory", 0.0)  # not recorded before it existed
+        lines.append(f"| `{folder.name}` | {training['steps']} × {training['batch_size']} | {in_memory:.0%} | "
                      f"{cpu / 3600:.2f} CPU-h ({wall / 60:.0f} min wall){' †' if untracked else ''} | "
                      f"r={settings['rank']} on {', '.join(settings['targets'])} | "
                      f"{float(first['val/loss']):.2f} → {float(last['val/loss']):.2f} | "
