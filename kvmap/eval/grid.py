@@ -43,6 +43,11 @@ examples of the test part each (2026-12-01: 43 and 68 s; the second example reus
 prefix); 64k and 128k extrapolated from the reader's ingest (about 600 tok/s fresh) and the kvmap
 decode's growth with memory size. FairytaleQA measured at 16k: 30 s per question, the story's ingest
 and prefills shared by its 4 questions (:data:`SHARED_CONTEXT_SHARE`)."""
+# Measured before kvmap methods kept the recent context by default (:data:`kvmap.eval.methods.KVMAP_RUNNER_OPTIONS`).
+# Since then, past the window, each kvmap method prefills its kept context and reads a memory of what lies
+# before it (the splice methods a second one, their kept context leaving room for the spliced blocks), so a
+# 16k example costs more than the 68 s above: re-time one cell before budgeting the slices still to run
+# (runs/grid/timing.jsonl and each row's context_s_per_example and answer_s hold what was measured).
 SHARED_CONTEXT_SHARE = 0.45
 """FairytaleQA's cost per question over a NIAH example's at the same length (measured at 16k: 30 / 68)."""
 
