@@ -70,7 +70,13 @@ class BM25Retriever:
 
     @staticmethod
     def _tokenize(texts: list[str]) -> list[list[str]]:
+        import logging
+
         import bm25s
+
+        # bm25s logs each index build at DEBUG; a library that configures the root logger (the demo's
+        # ROUGE scorer does) would print those lines into the user's output
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
 
         # return_ids=False gives plain word lists: the query must be looked up in the corpus
         # vocabulary, which separate id-tokenizations of corpus and query would not share.
