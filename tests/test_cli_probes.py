@@ -577,6 +577,12 @@ def test_demo_and_bench_memory_through_a_regular_file(capsys, text_file, command
     one_line_error(rc, err, "not a folder")
 
 
+def test_demo_record_into_a_folder_or_under_a_file_is_refused_before_the_demo_runs(capsys, text_file, tmp_path):
+    for target in (tmp_path, text_file("regular", "x") / "demo.json"):
+        rc, _, err = cli(capsys, "demo", "--record", target)
+        one_line_error(rc, err, "--record", "a JSON file path")
+
+
 @pytest.mark.parametrize("option", ["--reuse", "--reuse-next"])
 def test_absurd_reuse_counts_are_refused(capsys, fake_lm, tiny_memory, option):
     extra = ["--reuse", "8"] if option != "--reuse" else []

@@ -2,6 +2,8 @@
 the tale demo."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvmap.cli import checks
 from kvmap.errors import InputError
 
@@ -120,6 +122,10 @@ def cmd_demo(args) -> int:
         raise InputError(f"--tales must be 1 or more, got {args.tales}")
     if args.memory:
         checks.memory_folder(args.memory, create=True)
+    if args.record and (Path(args.record).is_dir() or any(p.exists() and not p.is_dir()
+                                                          for p in Path(args.record).parents)):
+        raise InputError(f"--record {args.record}: give a JSON file path whose folders are folders "
+                         "(e.g. runs/demo/demo.json)")
     return run_demo(memory_dir=args.memory, n_tales=args.tales, rebuild=args.rebuild, adapter=args.adapter,
                     record=args.record)
 
