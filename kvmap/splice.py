@@ -94,30 +94,34 @@ def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Ten
 
 
 @torch.no_grad()
-def spliced_cache(port: MemoryPort, memory, before_ids: list[int], ids_per_layer: dict[int, torch.Tensor] | torch.Tensor):
+def spliced_cache(port: MemoryPort, memory, before_ids: list[int], ids_per_layer: dict[int, torch.Tensor] | torch.Tensor,
+                  cache=None):
     """A DynamicCache holding ``before_ids`` then the memory tokens' K/V at the positions that follow.
 
     ``ids_per_layer``: memory ids (M,) for every layer, or layer -> (Hkv, M) ids per KV head
-    (layers left out take the first entry's ids). Returns (cache, n_positions).
+    (layers left out take the first entry's ids). ``cache``: a cache that already holds the prompt's
+    first tokens (a shared prefix, extended in place); ``before_ids`` are read after them.
+    Returns (cache, n_positions).
     """
     from transformers import DynamicCache
 
     from kvmap.rope import cos_sin, rotate
 
     model = port.model
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     if before_ids:
         model(torch.tensor(before_ids)[None], cache=cache, use_cache=True)
+    start = cache.get_seq_length()
     n_kv = port.layout.n_kv_heads
     if isinstance(ids_per_layer, torch.Tensor):
         ids_per_layer = {0: ids_per_layer[None].expand(n_kv, -1)}
     m = min(ids.shape[1] for ids in ids_per_layer.values())  # a short last block can make layers differ
     first = next(iter(ids_per_layer.values()))
     like = next(model.parameters())
-    positions = torch.arange(len(before_ids), len(before_ids) + m)
+    positions = torch.arange(start, start + m)
     for layer in range(port.layout.n_layers):
         ids = ids_per_layer.get(layer, first)[:, :m]
         keys, values = memory.fetch(layer, ids)  # (Hkv, M, d) pre-RoPE
         cos, sin = cos_sin(port.layer_rotary(layer), positions, keys)
         cache.update(rotate(keys, cos, sin)[None].to(like.dtype), values[None].to(like.dtype), layer)
-    return cache, len(before_ids) + m
+    return cache, start + m

@@ -12,7 +12,8 @@ def test_local_is_a_runner_option_of_every_kvmap_method():
     assert local_tokens("kvmap:local=4096:top_k=8") == 4096 and local_tokens("kvmap-splice-bm25:local=0") == 0
     assert local_tokens("kvmap-splice-bm25") is None  # the default: as much as fits the window
     assert import_config("kvmap:local=4096:top_k=8").top_k == 8  # not an ImportConfig field
-    for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"], ["kvmap-splice-bm25:tail_import=1"]):
+    for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"], ["kvmap-splice-bm25:tail_import=1"],
+                ["kvmap:splice_after_tail=1"]):
         with pytest.raises(InputError):
             check_methods(bad)
 
@@ -48,6 +49,8 @@ def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_spl
         runner.answer("kvmap:local=0")
         assert runner.ingest["tokens"] >= len(runner.context_ids) - 2  # the seed's setting: all of it
         assert runner.answer("kvmap-splice-bm25:local=8000:n_blocks=1:block_size=16")[0].text
+        after = runner.answer("kvmap-splice-bm25:splice_after_tail=1:n_blocks=1:block_size=16")
+        assert after[0].text and after[0].extra["context_s"] > 0  # the tail prefilled once, blocks after it
     finally:
         runner.close()
     assert not list(tmp_path.glob("memory-*"))

@@ -26,3 +26,29 @@ def test_neighbours_come_with_each_choice_and_merge():
 def test_a_short_last_block_gives_way_to_the_next_best():
     assert bm25_block_ids(memory(), "moon star crown", block_size=4, n_blocks=1) == [2]  # not the 2-token [12-13]
     assert bm25_block_ids(memory(), "moon star", block_size=4, n_blocks=4) == [0, 1, 2, 3]  # every block asked for
+
+
+def test_splicing_onto_a_shared_prefix_equals_splicing_after_reading_it():
+    """``spliced_cache(cache=...)``: blocks placed after a prefilled prefix get the positions that follow it,
+    exactly as if the prefix had been read as the prompt's start."""
+    import torch
+    from transformers import DynamicCache
+
+    from conftest import BruteForceMemory, export_kv, tiny_llama
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.splice import spliced_cache
+
+    port = LlamaMemoryPort(tiny_llama(), model_id="tiny")
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    memory = BruteForceMemory(*export_kv(port, ids[:, :24]))
+    prefix, question, chosen = ids[0, 24:32].tolist(), ids[0, 32:].tolist(), torch.arange(4, 12)
+    whole, n_whole = spliced_cache(port, memory, prefix, chosen)
+    shared = DynamicCache(config=port.model.config)
+    with torch.no_grad():
+        port.model(torch.tensor(prefix[:5])[None], cache=shared, use_cache=True)
+    onto, n_onto = spliced_cache(port, memory, prefix[5:], chosen, cache=shared)
+    assert n_whole == n_onto == 16
+    with torch.no_grad():
+        a = port.model(torch.tensor(question)[None], cache=whole, use_cache=True).logits
+        b = port.model(torch.tensor(question)[None], cache=onto, use_cache=True).logits
+    assert torch.allclose(a, b, atol=1e-5)

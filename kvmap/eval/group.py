@@ -144,7 +144,8 @@ class GroupRunner:
         """One Generation per example (or a string saying why the method was skipped)."""
         base, options = parse_method(method)
         if base.startswith("kvmap-splice"):
-            return self._splice(import_config(method), choice=base.rpartition("-")[2], local=local_tokens(method))
+            return self._splice(import_config(method), choice=base.rpartition("-")[2], local=local_tokens(method),
+                                after_tail=bool(options.get("splice_after_tail", 0)))
         if base in KVMAP_PRESETS:
             return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method),
                                tail_import=bool(options.get("tail_import", 0)))
@@ -256,26 +257,38 @@ class GroupRunner:
         tail = torch.arange(max(0, memory.n_tokens - window), memory.n_tokens)
         return [self._spliced_answer(ex, tail, 0.0) for ex in self.examples]
 
-    def _spliced_answer(self, ex: Example, ids, chose_s: float, memory=None, tail: list[int] = ()) -> Generation:
+    def _spliced_answer(self, ex: Example, ids, chose_s: float, memory=None, tail: list[int] = (),
+                        shared: SharedPrefix | None = None) -> Generation:
         """Answer with memory tokens' K/V placed where a text baseline's context goes (see kvmap.splice),
-        followed by ``tail``, the most recent context tokens kept as ordinary context."""
+        followed by ``tail``, the most recent context tokens kept as ordinary context; with ``shared`` (the
+        prompt start and tail, prefilled once), the blocks come after the tail instead, next to the question."""
         from kvmap.splice import spliced_cache
 
         before, after = prompt_parts(self.tok, ex, True)
         began = time.perf_counter()
-        cache, _ = spliced_cache(self.port, memory or self.memory(), before, ids)
-        answer = self._generate(list(tail) + after, cache)
+        if shared is not None:
+            after = shared.rest_of_prompt(ex)
+            cache, _ = spliced_cache(self.port, memory, [], ids, cache=shared.cache)
+            answer = self._generate(after, cache, **shared.cost)
+        else:
+            cache, _ = spliced_cache(self.port, memory or self.memory(), before, ids)
+            answer = self._generate(list(tail) + after, cache)
         answer.seconds = time.perf_counter() - began + chose_s  # choosing and splicing follow the question
         return answer
 
-    def _splice(self, config: ImportConfig, choice: str, local: int | None = None) -> list[Generation]:
-        """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice."""
+    def _splice(self, config: ImportConfig, choice: str, local: int | None = None,
+                after_tail: bool = False) -> list[Generation]:
+        """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice.
+        ``after_tail``: the kept tail is prefilled once for the group without memory and the blocks are
+        spliced after it; else they go before it, in reading order, and each question re-reads the tail
+        over them."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
         blocks = config.blocks
         memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
+        shared = self._shared_prefill(tail) if tail and after_tail else None
         out = []
         for ex in self.examples:
             began = time.perf_counter()
@@ -288,7 +301,7 @@ class GroupRunner:
                 ids = dict(trace.blocks)
             else:  # the question's tokens and the assistant turn's opening vote, summed over layers
                 ids = choose_blocks(self.port, memory, before, config, select_last=len(self._enc(ex.question)) + 6)
-            answer = self._spliced_answer(ex, ids, time.perf_counter() - began, memory, tail)
+            answer = self._spliced_answer(ex, ids, time.perf_counter() - began, memory, tail, shared)
             first = ids if isinstance(ids, torch.Tensor) else next(iter(ids.values()))[0]  # layer 0, head 0
             texts = memory.token_texts()
             answer.extra["retrieved_answer"] = float(contains_answer("".join(texts[i] for i in first.tolist()),

@@ -50,7 +50,7 @@ see :mod:`kvmap.splice`), summed over every layer and head, so all layers get th
 would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own choice (all the
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
-KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0}
+KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 0}
 """Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
 tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
 as ordinary attention context, and only the context before them goes to memory; where the whole context
@@ -59,7 +59,9 @@ much as fits the window, so that memory only adds to what the model sees. ``loca
 memory and the prompt holds only the instruction and question, the seed's setting (run files before
 2026-12-01 were written with it and name it so). The recent context is read without memory, as truncation
 reads it, and memories come in from the question on; ``tail_import=1`` (token-level methods): the recent
-context imports memories too, as the first ``local`` rows did, at many times the cost."""
+context imports memories too, as the first ``local`` rows did, at many times the cost. ``splice_after_tail=1``
+(splice methods): the spliced blocks go after the recent context, next to the question, rather than before it in
+reading order; the recent context is then prefilled once for the group without memory."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
@@ -129,6 +131,8 @@ def check_methods(names: list[str]) -> None:
                 if base.startswith("kvmap-splice") and "tail_import" in parse_method(name)[1]:
                     raise InputError(f"method '{name}': tail_import is an option of the import methods; a splice "
                                      "method reads its recent context as ordinary context already")
+                if not base.startswith("kvmap-splice") and "splice_after_tail" in parse_method(name)[1]:
+                    raise InputError(f"method '{name}': splice_after_tail is an option of the kvmap-splice methods")
             except (ValueError, TypeError) as err:  # e.g. options of two retrieval modes at once
                 raise InputError(f"method '{name}': {err}") from None
 
