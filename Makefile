@@ -81,11 +81,15 @@ finetune: $(STAMP)
 finetune-v2: $(STAMP)
 	$(BIN)/kvmap finetune --out runs/finetune/memory-adapter-v2 --steps 300 --batch-size 4 --lr 1e-3 --instruction-in-memory 0.5
 
-# Dev rows of the default kvmap methods (the recent context kept, memories imported from the question on)
-# and of the second adapter, on the same dev examples as the earlier rows (about 1 h on this CPU).
+# Dev rows of the default kvmap methods (the recent context kept, memories imported from the question on,
+# spliced blocks after the kept context), of the variants the defaults were chosen among (kept-context length,
+# splice order, the in-view gate) and of the second adapter, on the same dev examples as the earlier rows
+# (about 2 h on this CPU).
 V2 := runs/finetune/memory-adapter-v2/adapter
 bench-adapter-dev: $(STAMP)
-	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --methods kvmap,kvmap-splice-bm25 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --methods kvmap,kvmap-splice-bm25:splice_after_tail=0,kvmap-splice-bm25,kvmap-splice-bm25:in_view=1,kvmap:local=1024,kvmap:local=2048,kvmap:local=4096 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 16k --limit 20 --methods kvmap,kvmap:local=4096,truncate,rag-bm25 --out runs/niah-single
+	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap:local=4096 --out runs/passkey-16k
 	$(BIN)/kvmap eval niah --lengths 4k --limit 10 --methods kvmap,kvmap-block,kvmap-splice,kvmap-splice-bm25 --out runs/niah-single
 	$(BIN)/kvmap eval niah --lengths 4k,16k --limit 10 --methods kvmap:adapter=1:local=0,kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/niah-single
 	$(BIN)/kvmap eval babi --qa 1 --lengths 4k --limit 10 --methods kvmap:adapter=1:local=0 --adapter $(V2) --out runs/adapter-v2/babi-qa1

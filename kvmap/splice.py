@@ -57,35 +57,44 @@ def top_blocks(mass: torch.Tensor, n_blocks_wanted: int, block_size: int, n_toke
     return sorted(mass.topk(min(n_blocks_wanted, n_blocks)).indices.tolist())
 
 
-def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0) -> torch.Tensor:
-    """Memory ids (M,) of the blocks :func:`bm25_block_ids` chooses, in reading order."""
-    return block_tokens(bm25_block_ids(memory, question, block_size, n_blocks, neighbours), block_size, memory.n_tokens)
+def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0,
+                in_view: list[str] = ()) -> torch.Tensor:
+    """Memory ids (M,) of the blocks :func:`bm25_block_ids` chooses, in reading order (empty if none)."""
+    ids = bm25_block_ids(memory, question, block_size, n_blocks, neighbours, in_view)
+    return block_tokens(ids, block_size, memory.n_tokens) if ids else torch.zeros(0, dtype=torch.long)
 
 
-def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0) -> list[int]:
+def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0,
+                   in_view: list[str] = ()) -> list[int]:
     """Indices of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
 
     ``neighbours``: also take that many blocks either side of each chosen one (EM-LLM's contiguity
     buffer), so a fact cut at a block edge comes with its sentence. Overlapping neighbourhoods
     merge, so this gives at most ``n_blocks * (1 + 2 * neighbours)`` blocks, fewer when chosen
-    blocks sit close together (unlike the import path, which fills that budget)."""
-    scores = bm25_block_scores(memory, question, block_size)
-    n_all = len(scores)
-    ranked = [int(b) for b in np.argsort(-scores, kind="stable")]  # best first; ties to the earlier block
+    blocks sit close together (unlike the import path, which fills that budget).
+
+    ``in_view``: blocks of text the model reads anyway (the recent context kept in the prompt, cut into
+    blocks of ``block_size`` tokens), ranked with the memory's; only memory blocks that rank above the
+    best of them are chosen, so where the answer is in view nothing from memory competes with it."""
+    scores = bm25_block_scores(memory, question, block_size, in_view)
+    n_all = memory_blocks = -(-memory.n_tokens // block_size)
+    bar = scores[memory_blocks:].max() if len(scores) > memory_blocks else -np.inf
+    ranked = [int(b) for b in np.argsort(-scores[:memory_blocks], kind="stable")]  # best first; ties to the earlier
     if n_all > n_blocks and memory.n_tokens % block_size:
         # keep every choice the same length: a short last block never counts among the chosen
         ranked = [b for b in ranked if b != n_all - 1]
-    ranked = ranked[:n_blocks]
+    ranked = [b for b in ranked[:n_blocks] if scores[b] > bar]
     return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < n_all})
 
 
-def bm25_block_scores(memory, question: str, block_size: int = 64) -> np.ndarray:
-    """(n_blocks,) BM25 score of every block of ``block_size`` memory tokens' text for ``question``."""
+def bm25_block_scores(memory, question: str, block_size: int = 64, in_view: list[str] = ()) -> np.ndarray:
+    """BM25 score for ``question`` of every block of ``block_size`` memory tokens' text (n_blocks,), then of
+    every block of text in ``in_view``, one index for both."""
     from kvmap.retrieval import BM25Retriever
 
     texts = memory.token_texts()
     blocks = ["".join(texts[i:i + block_size]) for i in range(0, len(texts), block_size)]
-    return BM25Retriever().scores(blocks, question)
+    return BM25Retriever().scores(blocks + list(in_view), question)
 
 
 def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Tensor:
@@ -116,6 +125,8 @@ def spliced_cache(port: MemoryPort, memory, before_ids: list[int], ids_per_layer
     if isinstance(ids_per_layer, torch.Tensor):
         ids_per_layer = {0: ids_per_layer[None].expand(n_kv, -1)}
     m = min(ids.shape[1] for ids in ids_per_layer.values())  # a short last block can make layers differ
+    if m == 0:  # nothing chosen: the prompt goes on as it is
+        return cache, start
     first = next(iter(ids_per_layer.values()))
     like = next(model.parameters())
     positions = torch.arange(start, start + m)

@@ -13,7 +13,7 @@ def test_local_is_a_runner_option_of_every_kvmap_method():
     assert local_tokens("kvmap-splice-bm25") is None  # the default: as much as fits the window
     assert import_config("kvmap:local=4096:top_k=8").top_k == 8  # not an ImportConfig field
     for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"], ["kvmap-splice-bm25:tail_import=1"],
-                ["kvmap:splice_after_tail=1"]):
+                ["kvmap:splice_after_tail=1"], ["kvmap-splice:in_view=1"]):
         with pytest.raises(InputError):
             check_methods(bad)
 
@@ -48,9 +48,12 @@ def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_spl
         assert runner.ingest["tokens"] < len(runner.context_ids) - 250  # only the context before the tail
         runner.answer("kvmap:local=0")
         assert runner.ingest["tokens"] >= len(runner.context_ids) - 2  # the seed's setting: all of it
-        assert runner.answer("kvmap-splice-bm25:local=8000:n_blocks=1:block_size=16")[0].text
-        after = runner.answer("kvmap-splice-bm25:splice_after_tail=1:n_blocks=1:block_size=16")
-        assert after[0].text and after[0].extra["context_s"] > 0  # the tail prefilled once, blocks after it
+        before = runner.answer("kvmap-splice-bm25:splice_after_tail=0:n_blocks=1:block_size=16")[0]
+        assert before.text and "context_s" not in before.extra  # each question re-reads the tail over the blocks
+        after = runner.answer("kvmap-splice-bm25:local=8000:n_blocks=1:block_size=16")
+        assert after[0].text and after[0].extra["context_s"] > 0  # the default: tail prefilled once, blocks after it
+        gated = runner.answer("kvmap-splice-bm25:in_view=1:n_blocks=1:block_size=16")[0]
+        assert gated.text and gated.extra["spliced_tokens"] in (0, 16)
     finally:
         runner.close()
     assert not list(tmp_path.glob("memory-*"))

@@ -28,6 +28,16 @@ def test_a_short_last_block_gives_way_to_the_next_best():
     assert bm25_block_ids(memory(), "moon star", block_size=4, n_blocks=4) == [0, 1, 2, 3]  # every block asked for
 
 
+def test_memory_blocks_must_outrank_the_text_in_view():
+    """``in_view``: what the prompt holds anyway competes; memory blocks below its best block are not chosen."""
+    view = ["sun rain snow wind ", "a frog sat in a well "]
+    assert bm25_block_ids(memory(), "the frog by the well", block_size=4, n_blocks=2, in_view=view[:1]) == [1]
+    assert bm25_block_ids(memory(), "the frog by the well", block_size=4, n_blocks=2, in_view=view) == []
+    assert bm25_blocks(memory(), "frog well", block_size=4, in_view=["frog well "]).numel() == 0
+    # the question's words split between view and memory: the block with more of them still wins
+    assert bm25_block_ids(memory(), "frog well ball", block_size=4, n_blocks=1, in_view=["frog and trees "]) == [1]
+
+
 def test_splicing_onto_a_shared_prefix_equals_splicing_after_reading_it():
     """``spliced_cache(cache=...)``: blocks placed after a prefilled prefix get the positions that follow it,
     exactly as if the prefix had been read as the prompt's start."""

@@ -14,7 +14,8 @@ import torch
 
 from kvmap.answer import chat_parts, context_prompt
 from kvmap.decoding import Generation, greedy, prefill
-from kvmap.eval.methods import BASELINE_OPTIONS, KVMAP_PRESETS, import_config, local_tokens, parse_method, yarn_rope
+from kvmap.eval.methods import (BASELINE_OPTIONS, KVMAP_PRESETS, KVMAP_RUNNER_OPTIONS, import_config, local_tokens,
+                                parse_method, yarn_rope)
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
 from kvmap.ports import ImportConfig
@@ -145,10 +146,11 @@ class GroupRunner:
         base, options = parse_method(method)
         if base.startswith("kvmap-splice"):
             return self._splice(import_config(method), choice=base.rpartition("-")[2], local=local_tokens(method),
-                                after_tail=bool(options.get("splice_after_tail", 0)))
+                                after_tail=bool(options.get("splice_after_tail", KVMAP_RUNNER_OPTIONS["splice_after_tail"])),
+                                in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])))
         if base in KVMAP_PRESETS:
             return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method),
-                               tail_import=bool(options.get("tail_import", 0)))
+                               tail_import=bool(options.get("tail_import", KVMAP_RUNNER_OPTIONS["tail_import"])))
         opts = {**BASELINE_OPTIONS.get(base, {}), **options}
         if base == "none":
             return [self._plain(ex, None) for ex in self.examples]
@@ -165,6 +167,10 @@ class GroupRunner:
         if base == "streaming":
             return self._streaming(opts["window"])
         raise AssertionError(base)
+
+    def _blocks_of(self, ids: list[int], size: int) -> list[str]:
+        """The text of ``ids`` in blocks of ``size`` tokens, as a memory's blocks are cut."""
+        return [self.tok.decode(ids[i:i + size]) for i in range(0, len(ids), size)]
 
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -277,11 +283,11 @@ class GroupRunner:
         return answer
 
     def _splice(self, config: ImportConfig, choice: str, local: int | None = None,
-                after_tail: bool = False) -> list[Generation]:
+                after_tail: bool = True, in_view: bool = False) -> list[Generation]:
         """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice.
         ``after_tail``: the kept tail is prefilled once for the group without memory and the blocks are
         spliced after it; else they go before it, in reading order, and each question re-reads the tail
-        over them."""
+        over them. ``in_view`` (bm25): only memory blocks BM25 ranks above every block of the kept tail."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
         blocks = config.blocks
@@ -294,7 +300,8 @@ class GroupRunner:
             began = time.perf_counter()
             before, _ = prompt_parts(self.tok, ex, False)
             if choice == "bm25":
-                ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours)
+                ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours,
+                                  in_view=self._blocks_of(tail, config.blocks.size) if in_view else ())
             elif choice == "layerwise":
                 with torch.no_grad(), self.port.importing(memory, config) as trace:
                     self.model(torch.tensor(before)[None], use_cache=False)
@@ -306,6 +313,7 @@ class GroupRunner:
             texts = memory.token_texts()
             answer.extra["retrieved_answer"] = float(contains_answer("".join(texts[i] for i in first.tolist()),
                                                                      ex.answers))
+            answer.extra["spliced_tokens"] = len(first)
             out.append(answer)
         return out
 

@@ -50,7 +50,7 @@ see :mod:`kvmap.splice`), summed over every layer and head, so all layers get th
 would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own choice (all the
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
-KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 0}
+KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 1, "in_view": 0}
 """Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
 tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
 as ordinary attention context, and only the context before them goes to memory; where the whole context
@@ -59,9 +59,13 @@ much as fits the window, so that memory only adds to what the model sees. ``loca
 memory and the prompt holds only the instruction and question, the seed's setting (run files before
 2026-12-01 were written with it and name it so). The recent context is read without memory, as truncation
 reads it, and memories come in from the question on; ``tail_import=1`` (token-level methods): the recent
-context imports memories too, as the first ``local`` rows did, at many times the cost. ``splice_after_tail=1``
-(splice methods): the spliced blocks go after the recent context, next to the question, rather than before it in
-reading order; the recent context is then prefilled once for the group without memory."""
+context imports memories too, as the first ``local`` rows did, at many times the cost. ``splice_after_tail``
+(splice methods; on by default since the NIAH 16k dev rows, 7/10 against 2/10): the spliced blocks go after the
+recent context, next to the question, and the recent context is prefilled once for the group without memory;
+``splice_after_tail=0`` puts them before it, in reading order, and each question re-reads the recent context over
+them, which made the answers degenerate. ``in_view=1``
+(``kvmap-splice-bm25``): the recent context's text is ranked with the memory's blocks, and only memory blocks
+that rank above all of it are spliced (none, where the answer is in view)."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
@@ -133,6 +137,9 @@ def check_methods(names: list[str]) -> None:
                                      "method reads its recent context as ordinary context already")
                 if not base.startswith("kvmap-splice") and "splice_after_tail" in parse_method(name)[1]:
                     raise InputError(f"method '{name}': splice_after_tail is an option of the kvmap-splice methods")
+                if base != "kvmap-splice-bm25" and "in_view" in parse_method(name)[1]:
+                    raise InputError(f"method '{name}': in_view is an option of kvmap-splice-bm25 (BM25 ranks the "
+                                     "kept context's text with the memory's)")
             except (ValueError, TypeError) as err:  # e.g. options of two retrieval modes at once
                 raise InputError(f"method '{name}': {err}") from None
 
