@@ -45,8 +45,8 @@ FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap:loca
 # The grid (issue 15), on the test part: passkey, NIAH single + multikey, bAbI qa1 + qa2, FairytaleQA at 4k,
 # 16k and 64k (NIAH single also 128k), every method of kvmap/eval/grid.py on the same examples. Resumable; each
 # slice (about two hours or less on this 2-core CPU) regenerates RESULTS.md and commits its run files.
-# `python -m kvmap.eval.grid --plan` prints the slices with their estimated hours: 6.4 h in all (0.6-1.1 h a
-# slice), from one timed cell per length (2026-12-01: 43 s per NIAH example at 4k, 68 s at 16k, 30 s per
+# `python -m kvmap.eval.grid --plan` prints the slices with their estimated hours: 7.2 h in all (0.6-1.8 h a
+# slice; NIAH single at 64k has n=30), from one timed cell per length (2026-12-01: 43 s per NIAH example at 4k, 68 s at 16k, 30 s per
 # FairytaleQA question at 16k; 64k and 128k extrapolated). timing.jsonl in runs/grid records what each took.
 bench: $(STAMP)
 	$(BIN)/python -m kvmap.eval.grid --commit $(SLICES)

@@ -56,7 +56,9 @@ SLICES: dict[str, list[Cell]] = {
                       Cell("fairytaleqa-64k", "fairytaleqa", (64_000,), 20, {"per_story": 4})],
     "2-niah-single-4k": [Cell("niah-single-4k", "niah", (4_000,), 50, {"variant": "single"})],
     "3-niah-single-16k": [Cell("niah-single-16k", "niah", (16_000,), 50, {"variant": "single"})],
-    "4-niah-single-long": [Cell("niah-single-long", "niah", (64_000, 128_000), 10, {"variant": "single"})],
+    # 64k with n=30: issue 16 judges NIAH single at 16k and 64k on n >= 30
+    "4-niah-single-long": [Cell("niah-single-64k", "niah", (64_000,), 30, {"variant": "single"}),
+                           Cell("niah-single-128k", "niah", (128_000,), 10, {"variant": "single"})],
     "5-niah-multikey": [Cell("niah-multikey", "niah", (4_000, 16_000, 64_000), 10, {"variant": "multikey"})],
     "6-babi-qa1": [Cell("babi-qa1", "babi", (4_000, 16_000, 64_000), 10, {"qa": 1})],
     "7-babi-qa2": [Cell("babi-qa2", "babi", (4_000, 16_000, 64_000), 10, {"qa": 2})],
