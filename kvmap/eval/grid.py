@@ -8,7 +8,7 @@ one costs nothing to run again. ``timing.jsonl`` records each slice's wall and C
 the CPU-hours the grid took are measured, not estimated.
 
 Sizes were chosen from one timed cell (see :data:`ESTIMATE_S_PER_EXAMPLE` and the Makefile): n >= 50
-for FairytaleQA and NIAH single at 4k and 16k, n >= 10 everywhere else.
+for FairytaleQA and NIAH single at 4k and 16k, n = 30 for NIAH single at 64k, n >= 10 everywhere else.
 """
 from __future__ import annotations
 
