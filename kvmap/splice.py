@@ -77,9 +77,9 @@ def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 
     blocks of ``block_size`` tokens), ranked with the memory's; only memory blocks that rank above the
     best of them are chosen, so where the answer is in view nothing from memory competes with it."""
     scores = bm25_block_scores(memory, question, block_size, in_view)
-    n_all = memory_blocks = -(-memory.n_tokens // block_size)
-    bar = scores[memory_blocks:].max() if len(scores) > memory_blocks else -np.inf
-    ranked = [int(b) for b in np.argsort(-scores[:memory_blocks], kind="stable")]  # best first; ties to the earlier
+    n_all = -(-memory.n_tokens // block_size)  # the memory's blocks; the rest of ``scores`` is in view
+    bar = scores[n_all:].max() if len(scores) > n_all else -np.inf
+    ranked = [int(b) for b in np.argsort(-scores[:n_all], kind="stable")]  # best first; ties to the earlier block
     if n_all > n_blocks and memory.n_tokens % block_size:
         # keep every choice the same length: a short last block never counts among the chosen
         ranked = [b for b in ranked if b != n_all - 1]

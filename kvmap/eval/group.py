@@ -270,13 +270,13 @@ class GroupRunner:
         prompt start and tail, prefilled once), the blocks come after the tail instead, next to the question."""
         from kvmap.splice import spliced_cache
 
-        before, after = prompt_parts(self.tok, ex, True)
         began = time.perf_counter()
         if shared is not None:
             after = shared.rest_of_prompt(ex)
             cache, _ = spliced_cache(self.port, memory, [], ids, cache=shared.cache)
             answer = self._generate(after, cache, **shared.cost)
         else:
+            before, after = prompt_parts(self.tok, ex, True)
             cache, _ = spliced_cache(self.port, memory or self.memory(), before, ids)
             answer = self._generate(list(tail) + after, cache)
         answer.seconds = time.perf_counter() - began + chose_s  # choosing and splicing follow the question
@@ -295,13 +295,14 @@ class GroupRunner:
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and after_tail else None
+        view = self._blocks_of(tail, blocks.size) if in_view else ()
         out = []
         for ex in self.examples:
             began = time.perf_counter()
             before, _ = prompt_parts(self.tok, ex, False)
             if choice == "bm25":
                 ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours,
-                                  in_view=self._blocks_of(tail, config.blocks.size) if in_view else ())
+                                  in_view=view)
             elif choice == "layerwise":
                 with torch.no_grad(), self.port.importing(memory, config) as trace:
                     self.model(torch.tensor(before)[None], use_cache=False)
