@@ -87,7 +87,7 @@ finetune-v2: $(STAMP)
 # (about 2 h on this CPU).
 V2 := runs/finetune/memory-adapter-v2/adapter
 bench-adapter-dev: $(STAMP)
-	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --methods kvmap,kvmap-splice-bm25:splice_after_tail=0,kvmap-splice-bm25,kvmap-splice-bm25:in_view=1,kvmap:local=1024,kvmap:local=2048,kvmap:local=4096 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --methods kvmap,kvmap-splice-bm25:splice_after_tail=0:in_view=0,kvmap-splice-bm25:in_view=0,kvmap-splice-bm25,kvmap:local=1024,kvmap:local=2048,kvmap:local=4096 --out runs/niah-single
 	$(BIN)/kvmap eval niah --lengths 16k --limit 20 --methods kvmap,kvmap:local=4096,truncate,rag-bm25 --out runs/niah-single
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap:local=4096 --out runs/passkey-16k
 	$(BIN)/kvmap eval niah --lengths 4k --limit 10 --methods kvmap,kvmap-block,kvmap-splice,kvmap-splice-bm25 --out runs/niah-single
@@ -95,7 +95,7 @@ bench-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval babi --qa 1 --lengths 4k --limit 10 --methods kvmap:adapter=1:local=0 --adapter $(V2) --out runs/adapter-v2/babi-qa1
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap --out runs/passkey-16k
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap:adapter=1:local=0,kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/passkey-16k
-	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 20 --methods kvmap,kvmap-splice-bm25 --out runs/fairytaleqa-16k
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25,kvmap-splice-bm25:in_view=0 --adapter runs/finetune/memory-adapter/adapter --out runs/fairytaleqa-16k
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 20 --methods kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/fairytaleqa-16k
 	$(BIN)/python benchmarks/adapter_side_effects.py --adapter $(V2)
 	$(MAKE) report

@@ -13,9 +13,11 @@ def test_local_is_a_runner_option_of_every_kvmap_method():
     assert local_tokens("kvmap-splice-bm25") is None  # the default: as much as fits the window
     assert import_config("kvmap:local=4096:top_k=8").top_k == 8  # not an ImportConfig field
     for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"], ["kvmap-splice-bm25:tail_import=1"],
-                ["kvmap:splice_after_tail=1"], ["kvmap-splice:in_view=1"]):
+                ["kvmap:splice_after_tail=1"], ["kvmap-splice:in_view=1"], ["kvmap:in_view=1"],
+                ["kvmap-block:bm25_blocks=4"], ["kvmap:bm25_blocks=0"], ["kvmap-splice-bm25:bm25_blocks=4"]):
         with pytest.raises(InputError):
             check_methods(bad)
+    check_methods(["kvmap:bm25_blocks=4", "kvmap:bm25_blocks=4:in_view=0:local=4096"])
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,14 @@ def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_spl
         assert after[0].text and after[0].extra["context_s"] > 0  # the default: tail prefilled once, blocks after it
         gated = runner.answer("kvmap-splice-bm25:in_view=1:n_blocks=1:block_size=16")[0]
         assert gated.text and gated.extra["spliced_tokens"] in (0, 16)
+        default = runner.answer("kvmap-splice-bm25:n_blocks=1:block_size=16")[0]  # the gate is the default
+        assert (default.text, default.extra["spliced_tokens"]) == (gated.text, gated.extra["spliced_tokens"])
+        ungated = runner.answer("kvmap-splice-bm25:in_view=0:n_blocks=1:block_size=16")[0]
+        assert ungated.extra["spliced_tokens"] == 16  # the best block, whatever the tail holds
+        everywhere = runner.answer("kvmap:bm25_blocks=1:in_view=0")[0]  # token import among one block's tokens
+        assert everywhere.text and everywhere.extra["candidate_tokens"] == 64
+        restricted = runner.answer("kvmap:bm25_blocks=1")[0]  # gated: none where the tail ranks first
+        assert restricted.text and restricted.extra["candidate_tokens"] in (0, 64)
     finally:
         runner.close()
     assert not list(tmp_path.glob("memory-*"))

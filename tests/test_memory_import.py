@@ -100,3 +100,29 @@ def test_blocks_are_chosen_once_and_kept_while_decoding(tmp_path):
     # recorded once, at the choice: exactly 6 x 8 tokens per layer and KV head
     per_layer_head = sum(trace.hits.values()) / (port.layout.n_layers * port.layout.n_kv_heads)
     assert per_layer_head == 6 * 8
+
+
+def test_a_memory_of_some_tokens_imports_what_the_folder_would(tmp_path):
+    """``TensorMemory.of_tokens``: token import restricted to some memory tokens (kvmap:bm25_blocks) reads
+    their stored K/V; with every token it reproduces full attention as the folder does."""
+    from kvmap.stores.tensor import TensorMemory
+
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+    prefix = 44
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
+    read_into(port, IdTokenizer(), memory, "doc", [" ".join(map(str, ids[0, :prefix].tolist()))],
+              ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
+    whole = TensorMemory.of_tokens(memory, torch.arange(prefix))
+    with torch.no_grad():
+        full = model(ids).logits[0, prefix:]
+        with port.importing(whole, ImportConfig.from_options(top_k=prefix, placement="true")):
+            got = model(ids[:, prefix:], position_ids=torch.arange(prefix, 60)[None], use_cache=False).logits[0]
+    assert (got - full).abs().max().item() <= 1e-4
+    some = torch.tensor([3, 9, 10, 30])
+    part = TensorMemory.of_tokens(memory, some)
+    heads = some[None].expand(port.layout.n_kv_heads, -1)
+    for layer in (0, port.layout.n_layers - 1):
+        assert torch.equal(part.fetch(layer, torch.arange(4)[None].expand_as(heads))[0], memory.fetch(layer, heads)[0])
+    assert part.token_texts() == [memory.token_texts()[i] for i in some.tolist()]

@@ -7,6 +7,7 @@ the group's questions).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -150,7 +151,9 @@ class GroupRunner:
                                 in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])))
         if base in KVMAP_PRESETS:
             return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method),
-                               tail_import=bool(options.get("tail_import", KVMAP_RUNNER_OPTIONS["tail_import"])))
+                               tail_import=bool(options.get("tail_import", KVMAP_RUNNER_OPTIONS["tail_import"])),
+                               bm25_blocks=options.get("bm25_blocks", KVMAP_RUNNER_OPTIONS["bm25_blocks"]),
+                               in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])))
         opts = {**BASELINE_OPTIONS.get(base, {}), **options}
         if base == "none":
             return [self._plain(ex, None) for ex in self.examples]
@@ -295,7 +298,7 @@ class GroupRunner:
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and after_tail else None
-        view = self._blocks_of(tail, blocks.size) if in_view else ()
+        view = self._blocks_of(tail, blocks.size) if in_view and choice == "bm25" else ()
         out = []
         for ex in self.examples:
             began = time.perf_counter()
@@ -319,27 +322,40 @@ class GroupRunner:
         return out
 
     def _kvmap(self, config: ImportConfig, text_choice: bool = False, local: int | None = None,
-               tail_import: bool = False) -> list[Generation]:
+               tail_import: bool = False, bm25_blocks: int = 0, in_view: bool = True) -> list[Generation]:
         """Memories imported while the question is read and the answer decoded. The recent context kept in the
         prompt (the tail) is ordinary context, prefilled once for the group without memory, as truncation reads
         it; ``tail_import``: the tail is read with memory import too, once per question (the first ``local``
-        rows, which cost about 100 s an answer at a 4k tail on this CPU)."""
+        rows, which cost about 100 s an answer at a 4k tail on this CPU). ``bm25_blocks``: each question's
+        token import searches only the tokens of the memory blocks BM25 ranks best for it (``in_view``: those
+        ranked above every block of the tail; none, and no import, where the tail ranks first)."""
+        from kvmap.splice import bm25_block_ids, block_tokens
+        from kvmap.stores.tensor import TensorMemory
+
         memory, tail = self._split_context(local)
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and not tail_import else None
+        view = self._blocks_of(tail, 64) if bm25_blocks and in_view else ()
         out = []
         for ex in self.examples:
             before, after = prompt_parts(self.tok, ex, bool(tail))
             prompt = shared.rest_of_prompt(ex) if shared else before + tail + after if tail else before
             began = time.perf_counter()
+            source = memory
             if text_choice:
-                from kvmap.splice import bm25_block_ids
-
                 blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
                 config = config.with_options(fixed_blocks=tuple(blocks))
-            with self.port.importing(memory, config):
+            elif bm25_blocks:
+                chosen = bm25_block_ids(memory, ex.question, 64, bm25_blocks, in_view=view)
+                ids = block_tokens(chosen, 64, memory.n_tokens) if chosen else None
+                source = TensorMemory.of_tokens(memory, ids) if chosen else None
+            with self.port.importing(source, config) if source is not None else contextlib.nullcontext():
                 answer = (self._generate(prompt, shared.cache, **shared.cost) if shared else self._generate(prompt))
             answer.seconds = time.perf_counter() - began
+            if bm25_blocks:
+                answer.extra["candidate_tokens"] = source.n_tokens if source is not None else 0
+                answer.extra["retrieved_answer"] = float(source is not None and contains_answer(
+                    "".join(source.token_texts()), ex.answers))
             out.append(answer)
         return out

@@ -30,8 +30,9 @@ class TensorMemory:
 
     path = "<tensor memory>"
 
-    def __init__(self, layout: KVLayout, model_id: str, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.layout, self.model_id = layout, model_id
+    def __init__(self, layout: KVLayout, model_id: str, kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 texts: list[str] | None = None):
+        self.layout, self.model_id, self._texts = layout, model_id, texts
         self._kv = {}
         for layer, (k, v) in kv.items():
             want = (layout.n_kv_heads, layout.head_dim)
@@ -43,6 +44,22 @@ class TensorMemory:
         if len(sizes) > 1:
             raise InputError(f"every layer must hold the same number of entries, got {sorted(sizes)}")
         self.n_tokens = sizes.pop() if sizes else 0
+        if texts is not None and len(texts) != self.n_tokens:
+            raise InputError(f"texts must give one string per entry ({self.n_tokens}), got {len(texts)}")
+
+    @classmethod
+    def of_tokens(cls, memory, ids: torch.Tensor) -> "TensorMemory":
+        """The K/V and text of some tokens of ``memory`` (a folder or another TensorMemory), ids (M,) in
+        reading order, as an in-RAM memory whose entry i is ``ids[i]``: token import restricted to them
+        (e.g. to the passages BM25 ranks best for a question) reads them as it reads a whole memory."""
+        layout, n_kv = memory.layout, memory.layout.n_kv_heads
+        heads = ids.reshape(1, -1).expand(n_kv, -1)  # (Hkv, M): every KV head reads the same tokens
+        kv = {}
+        for layer in range(layout.n_layers):
+            keys, values = memory.fetch(layer, heads)  # (Hkv, M, d) each
+            kv[layer] = (keys[None], values[None])  # (1, Hkv, M, d)
+        texts = memory.token_texts()
+        return cls(layout, memory.model_id, kv, texts=[texts[i] for i in ids.tolist()])
 
     @property
     def layers(self) -> list[int]:
@@ -105,13 +122,14 @@ class TensorMemory:
         return ids.clone()
 
     def token_texts(self) -> list[str]:
-        return [f"<entry {i}>" for i in range(self.n_tokens)]
+        return list(self._texts) if self._texts is not None else [f"<entry {i}>" for i in range(self.n_tokens)]
 
     def entry(self, id: int, score: float = 0.0) -> MemoryEntry:
-        """Provenance of entry ``id``: these entries have no source text, only their index."""
+        """Provenance of entry ``id``: its index, and its text where the memory was given texts."""
         if not 0 <= int(id) < self.n_tokens:
             raise InputError(f"memory id {id} is out of range 0..{self.n_tokens - 1}")
-        return MemoryEntry(source=self.path, doc_id=0, offset=int(id), text=f"<entry {int(id)}>", score=float(score))
+        return MemoryEntry(source=self.path, doc_id=0, offset=int(id), text=self.token_texts()[int(id)],
+                           score=float(score))
 
 
 @contextlib.contextmanager
