@@ -20,6 +20,18 @@ class IdTokenizer:
         return [" ".join(map(str, s)) for s in seqs]
 
 
+def _read_prefix(tmp_path, seed: int):
+    """A tiny model, its port, 60 random token ids and a memory holding the model's own K/V of the first 44."""
+    model = tiny_llama()
+    port = LlamaMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(seed))
+    prefix = 44
+    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
+    read_into(port, IdTokenizer(), memory, "doc", [" ".join(map(str, ids[0, :prefix].tolist()))],
+              ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
+    return model, port, ids, prefix, memory
+
+
 def test_reader_and_memory_folder_reproduce_full_attention(tmp_path):
     model = tiny_llama()
     port = LlamaMemoryPort(model, model_id="tiny")
@@ -61,13 +73,7 @@ def test_port_refuses_a_memory_from_another_model(tmp_path):
 
 def test_all_blocks_contiguous_reproduce_full_attention(tmp_path):
     """Block retrieval choosing every block, placed contiguously before the prompt = full attention."""
-    model = tiny_llama()
-    port = LlamaMemoryPort(model, model_id="tiny")
-    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(2))
-    prefix = 44
-    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
-    read_into(port, IdTokenizer(), memory, "doc", [" ".join(map(str, ids[0, :prefix].tolist()))],
-              ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
+    model, port, ids, prefix, memory = _read_prefix(tmp_path, seed=2)
     config = ImportConfig.from_options(block_size=4, n_blocks=11, placement="contiguous")
     with torch.no_grad():
         full = model(ids).logits[0, prefix:]
@@ -107,13 +113,7 @@ def test_a_memory_of_some_tokens_imports_what_the_folder_would(tmp_path):
     their stored K/V; with every token it reproduces full attention as the folder does."""
     from kvmap.stores.tensor import TensorMemory
 
-    model = tiny_llama()
-    port = LlamaMemoryPort(model, model_id="tiny")
-    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
-    prefix = 44
-    memory = Memory.create(tmp_path / "m", "tiny", port.layout, dtype="float32")
-    read_into(port, IdTokenizer(), memory, "doc", [" ".join(map(str, ids[0, :prefix].tolist()))],
-              ReaderConfig(chunk_size=16, context=64, sinks=4, remember_sinks=True), progress=False)
+    model, port, ids, prefix, memory = _read_prefix(tmp_path, seed=1)
     whole = TensorMemory.of_tokens(memory, torch.arange(prefix))
     with torch.no_grad():
         full = model(ids).logits[0, prefix:]
