@@ -20,6 +20,10 @@ from kvmap.eval.methods import (BASELINE_OPTIONS, KVMAP_PRESETS, KVMAP_RUNNER_OP
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
 from kvmap.ports import ImportConfig
+from kvmap.presets import SPLICE
+
+BM25_BLOCK = SPLICE["block_size"]
+"""Tokens per block that ``bm25_blocks`` ranks: the splice preset's blocks, so both choose among the same passages."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -336,7 +340,7 @@ class GroupRunner:
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and not tail_import else None
-        view = self._blocks_of(tail, 64) if bm25_blocks and in_view else ()
+        view = self._blocks_of(tail, BM25_BLOCK) if bm25_blocks and in_view else ()
         out = []
         for ex in self.examples:
             before, after = prompt_parts(self.tok, ex, bool(tail))
@@ -347,9 +351,9 @@ class GroupRunner:
                 blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
                 config = config.with_options(fixed_blocks=tuple(blocks))
             elif bm25_blocks:
-                chosen = bm25_block_ids(memory, ex.question, 64, bm25_blocks, in_view=view)
-                ids = block_tokens(chosen, 64, memory.n_tokens) if chosen else None
-                source = TensorMemory.of_tokens(memory, ids) if chosen else None
+                chosen = bm25_block_ids(memory, ex.question, BM25_BLOCK, bm25_blocks, in_view=view)
+                ids = block_tokens(chosen, BM25_BLOCK, memory.n_tokens) if chosen else None
+                source = TensorMemory.of_tokens(memory, ids) if chosen else None  # none: the tail ranks first
             with self.port.importing(source, config) if source is not None else contextlib.nullcontext():
                 answer = (self._generate(prompt, shared.cache, **shared.cost) if shared else self._generate(prompt))
             answer.seconds = time.perf_counter() - began

@@ -132,20 +132,17 @@ def check_methods(names: list[str]) -> None:
     if not names:
         raise InputError(f"no method given; choose from {', '.join(METHODS)}")
     for name in names:
-        base, _ = parse_method(name)
+        base, options = parse_method(name)
         if base in KVMAP_PRESETS:
             try:
                 import_config(name)
                 local_tokens(name)
-                if base.startswith("kvmap-splice") and "tail_import" in parse_method(name)[1]:
+                if base.startswith("kvmap-splice") and "tail_import" in options:
                     raise InputError(f"method '{name}': tail_import is an option of the import methods; a splice "
                                      "method reads its recent context as ordinary context already")
-                if not base.startswith("kvmap-splice") and "splice_after_tail" in parse_method(name)[1]:
+                if not base.startswith("kvmap-splice") and "splice_after_tail" in options:
                     raise InputError(f"method '{name}': splice_after_tail is an option of the kvmap-splice methods")
-                options = parse_method(name)[1]
-                if "bm25_blocks" in options and (base not in ("kvmap", "kvmap-fixed") or
-                                                 isinstance(options["bm25_blocks"], bool) or
-                                                 not isinstance(options["bm25_blocks"], int) or options["bm25_blocks"] < 1):
+                if "bm25_blocks" in options and (base not in ("kvmap", "kvmap-fixed") or options["bm25_blocks"] < 1):
                     raise InputError(f"method '{name}': bm25_blocks=N (N >= 1) is an option of the token-level import "
                                      "(kvmap, kvmap-fixed)")
                 if base != "kvmap-splice-bm25" and "in_view" in options and "bm25_blocks" not in options:

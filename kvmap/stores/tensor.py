@@ -51,7 +51,9 @@ class TensorMemory:
     def of_tokens(cls, memory, ids: torch.Tensor) -> "TensorMemory":
         """The K/V and text of some tokens of ``memory`` (a folder or another TensorMemory), ids (M,) in
         reading order, as an in-RAM memory whose entry i is ``ids[i]``: token import restricted to them
-        (e.g. to the passages BM25 ranks best for a question) reads them as it reads a whole memory."""
+        (e.g. to the passages BM25 ranks best for a question) reads them as it reads a whole memory. Their
+        offsets are the entry indices, so reading order holds (``ordered`` placement) but ``true`` placement
+        would put them at 0..M-1, not at their document positions."""
         layout, n_kv = memory.layout, memory.layout.n_kv_heads
         heads = ids.reshape(1, -1).expand(n_kv, -1)  # (Hkv, M): every KV head reads the same tokens
         kv = {}
@@ -128,8 +130,8 @@ class TensorMemory:
         """Provenance of entry ``id``: its index, and its text where the memory was given texts."""
         if not 0 <= int(id) < self.n_tokens:
             raise InputError(f"memory id {id} is out of range 0..{self.n_tokens - 1}")
-        return MemoryEntry(source=self.path, doc_id=0, offset=int(id), text=self.token_texts()[int(id)],
-                           score=float(score))
+        text = self._texts[int(id)] if self._texts is not None else f"<entry {int(id)}>"
+        return MemoryEntry(source=self.path, doc_id=0, offset=int(id), text=text, score=float(score))
 
 
 @contextlib.contextmanager
