@@ -98,7 +98,8 @@ bench-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25,kvmap-splice-bm25:in_view=0 --adapter runs/finetune/memory-adapter/adapter --out runs/fairytaleqa-16k
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 20 --methods kvmap:adapter=1 --adapter $(V2) --out runs/adapter-v2/fairytaleqa-16k
 	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:bm25_blocks=8,kvmap:local=4096:bm25_blocks=8 --out runs/niah-single
-	$(BIN)/kvmap eval niah --lengths 16k --limit 20 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,kvmap-splice-bm25:bm25_stride=32 --out runs/niah-single
+	$(BIN)/kvmap eval niah --lengths 16k --limit 20 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/niah-single
 	$(BIN)/python benchmarks/adapter_side_effects.py --adapter $(V2)
 	$(MAKE) report
 
@@ -106,7 +107,7 @@ bench-adapter-dev: $(STAMP)
 # folders (each reported once; about 3 h on this CPU, most of it the 64k ingest).
 NIAH_TEST := $(BIN)/kvmap eval niah --part test --variant single --max-new-tokens 40
 bench-test-choices: $(STAMP)
-	$(NIAH_TEST) --lengths 16k --limit 50 --methods kvmap,kvmap:local=4096,truncate,rag-bm25,kvmap-splice-bm25,kvmap:local=4096:bm25_blocks=8 --out runs/grid/niah-single-16k
+	$(NIAH_TEST) --lengths 16k --limit 50 --methods kvmap,kvmap:local=4096,truncate,rag-bm25,kvmap-splice-bm25,kvmap:local=4096:bm25_blocks=8,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/grid/niah-single-16k
 	$(NIAH_TEST) --lengths 64k --limit 30 --methods kvmap:local=4096,truncate,rag-bm25 --out runs/grid/niah-single-64k
 	$(BIN)/kvmap eval fairytaleqa --part test --per-story 4 --lengths 4k,16k --limit 52 --methods kvmap-splice-bm25 --out runs/grid/fairytaleqa
 	$(MAKE) report

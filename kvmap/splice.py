@@ -58,15 +58,21 @@ def top_blocks(mass: torch.Tensor, n_blocks_wanted: int, block_size: int, n_toke
 
 
 def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0,
-                in_view: list[str] = ()) -> torch.Tensor:
+                in_view: list[str] = (), stride: int = 0) -> torch.Tensor:
     """Memory ids (M,) of the blocks :func:`bm25_block_ids` chooses, in reading order (empty if none)."""
-    ids = bm25_block_ids(memory, question, block_size, n_blocks, neighbours, in_view)
-    return block_tokens(ids, block_size, memory.n_tokens) if ids else torch.zeros(0, dtype=torch.long)
+    ids = bm25_block_ids(memory, question, block_size, n_blocks, neighbours, in_view, stride)
+    return block_tokens(ids, block_size, memory.n_tokens, stride) if ids else torch.zeros(0, dtype=torch.long)
 
 
 def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0,
-                   in_view: list[str] = ()) -> list[int]:
+                   in_view: list[str] = (), stride: int = 0) -> list[int]:
     """Indices of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
+
+    ``stride``: blocks start every ``stride`` tokens (0: every ``block_size``, blocks that do not overlap).
+    With half-overlapping blocks a sentence that one block edge cuts lies whole in the next block, where
+    non-overlapping blocks split its words between two that each rank low: this is how the NIAH needle
+    dropped out of BM25's choice (``docs/checks/bm25_window_coverage.py`` counts it).
+    Block ``b`` is then the tokens from ``b * stride``; :func:`block_tokens` merges the overlaps.
 
     ``neighbours``: also take that many blocks either side of each chosen one (EM-LLM's contiguity
     buffer), so a fact cut at a block edge comes with its sentence. Overlapping neighbourhoods
@@ -76,30 +82,35 @@ def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 
     ``in_view``: blocks of text the model reads anyway (the recent context kept in the prompt, cut into
     blocks of ``block_size`` tokens), ranked with the memory's; only memory blocks that rank above the
     best of them are chosen, so where the answer is in view nothing from memory competes with it."""
-    scores = bm25_block_scores(memory, question, block_size, in_view)
-    n_all = -(-memory.n_tokens // block_size)  # the memory's blocks; the rest of ``scores`` is in view
+    stride = stride or block_size
+    scores = bm25_block_scores(memory, question, block_size, in_view, stride)
+    n_all = -(-memory.n_tokens // stride)  # the memory's blocks; the rest of ``scores`` is in view
     bar = scores[n_all:].max() if len(scores) > n_all else -np.inf
     ranked = [int(b) for b in np.argsort(-scores[:n_all], kind="stable")]  # best first; ties to the earlier block
-    if n_all > n_blocks and memory.n_tokens % block_size:
-        # keep every choice the same length: a short last block never counts among the chosen
-        ranked = [b for b in ranked if b != n_all - 1]
+    if n_all > n_blocks:
+        # keep every choice the same length: a short block at the end never counts among the chosen
+        ranked = [b for b in ranked if b * stride + block_size <= memory.n_tokens]
     ranked = [b for b in ranked[:n_blocks] if scores[b] > bar]
     return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < n_all})
 
 
-def bm25_block_scores(memory, question: str, block_size: int = 64, in_view: list[str] = ()) -> np.ndarray:
-    """BM25 score for ``question`` of every block of ``block_size`` memory tokens' text (n_blocks,), then of
-    every block of text in ``in_view``, one index for both."""
+def bm25_block_scores(memory, question: str, block_size: int = 64, in_view: list[str] = (),
+                      stride: int = 0) -> np.ndarray:
+    """BM25 score for ``question`` of every block of ``block_size`` memory tokens' text, one starting every
+    ``stride`` tokens (n_blocks,), then of every block of text in ``in_view``, one index for both."""
     from kvmap.retrieval import BM25Retriever
 
     texts = memory.token_texts()
-    blocks = ["".join(texts[i:i + block_size]) for i in range(0, len(texts), block_size)]
+    blocks = ["".join(texts[i:i + block_size]) for i in range(0, len(texts), stride or block_size)]
     return BM25Retriever().scores(blocks + list(in_view), question)
 
 
-def block_tokens(blocks: list[int], block_size: int, n_tokens: int) -> torch.Tensor:
-    """Memory ids (M,) of the given blocks' tokens, blocks in the given order."""
-    return torch.cat([torch.arange(b * block_size, min((b + 1) * block_size, n_tokens)) for b in blocks])
+def block_tokens(blocks: list[int], block_size: int, n_tokens: int, stride: int = 0) -> torch.Tensor:
+    """Memory ids (M,) of the given blocks' tokens, blocks in the given order; blocks that start every
+    ``stride`` tokens (overlapping) give each token once, in reading order."""
+    stride = stride or block_size
+    ids = torch.cat([torch.arange(b * stride, min(b * stride + block_size, n_tokens)) for b in blocks])
+    return ids.unique() if stride < block_size else ids  # unique() sorts
 
 
 @torch.no_grad()

@@ -14,10 +14,13 @@ def test_local_is_a_runner_option_of_every_kvmap_method():
     assert import_config("kvmap:local=4096:top_k=8").top_k == 8  # not an ImportConfig field
     for bad in (["rag-bm25:local=5"], ["kvmap:local=-1"], ["kvmap:local=x"], ["kvmap-splice-bm25:tail_import=1"],
                 ["kvmap:splice_after_tail=1"], ["kvmap-splice:in_view=1"], ["kvmap:in_view=1"],
-                ["kvmap-block:bm25_blocks=4"], ["kvmap:bm25_blocks=0"], ["kvmap-splice-bm25:bm25_blocks=4"]):
+                ["kvmap-block:bm25_blocks=4"], ["kvmap:bm25_blocks=0"], ["kvmap-splice-bm25:bm25_blocks=4"], ["kvmap:bm25_stride=32"],
+                ["kvmap:bm25_blocks=4:bm25_stride=0"], ["kvmap:bm25_blocks=4:bm25_stride=65"],
+                ["kvmap-splice:bm25_stride=32"]):
         with pytest.raises(InputError):
             check_methods(bad)
-    check_methods(["kvmap:bm25_blocks=4", "kvmap:bm25_blocks=4:in_view=0:local=4096"])
+    check_methods(["kvmap:bm25_blocks=4", "kvmap:bm25_blocks=4:in_view=0:local=4096",
+                   "kvmap:bm25_blocks=4:bm25_stride=32", "kvmap-splice-bm25:bm25_stride=32"])
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,22 @@ def test_a_short_last_block_gives_way_to_the_next_best():
     assert bm25_block_ids(memory(), "moon star", block_size=4, n_blocks=4) == [0, 1, 2, 3]  # every block asked for
 
 
+def test_overlapping_blocks_keep_a_phrase_that_a_block_edge_cuts():
+    """``stride``: blocks of 4 starting every 2 tokens; "gold king" spans the edge between [4-7] and [8-11]
+    and lies whole in the block from token 6. Overlapping choices give each token once, in reading order."""
+    from kvmap.splice import block_tokens
+
+    assert bm25_block_ids(memory(), "gold king", block_size=4, n_blocks=1) == [1]  # a tie: one word each
+    assert bm25_block_ids(memory(), "gold king", block_size=4, n_blocks=1, stride=2) == [3]
+    assert bm25_blocks(memory(), "gold king", block_size=4, n_blocks=1, stride=2).tolist() == [6, 7, 8, 9]
+    assert block_tokens([2, 3], 4, 14, stride=2).tolist() == [4, 5, 6, 7, 8, 9]
+    # the short block from token 12 gives way to the full one from token 10
+    assert bm25_block_ids(memory(), "moon star", block_size=4, n_blocks=1, stride=2) == [5]
+    # the text in view is cut the same way by the caller; a block of it holding both words wins
+    assert bm25_block_ids(memory(), "gold king", block_size=4, n_blocks=1, stride=2,
+                          in_view=["a gold king sat "]) == []
+
+
 def test_memory_blocks_must_outrank_the_text_in_view():
     """``in_view``: what the prompt holds anyway competes; memory blocks below its best block are not chosen."""
     view = ["sun rain snow wind ", "a frog sat in a well "]

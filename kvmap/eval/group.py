@@ -152,12 +152,14 @@ class GroupRunner:
         if base.startswith("kvmap-splice"):
             return self._splice(import_config(method), choice=base.rpartition("-")[2], local=local_tokens(method),
                                 after_tail=bool(options.get("splice_after_tail", KVMAP_RUNNER_OPTIONS["splice_after_tail"])),
-                                in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])))
+                                in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])),
+                                stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]))
         if base in KVMAP_PRESETS:
             return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method),
                                tail_import=bool(options.get("tail_import", KVMAP_RUNNER_OPTIONS["tail_import"])),
                                bm25_blocks=options.get("bm25_blocks", KVMAP_RUNNER_OPTIONS["bm25_blocks"]),
-                               in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])))
+                               in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])),
+                               stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]))
         opts = {**BASELINE_OPTIONS.get(base, {}), **options}
         if base == "none":
             return [self._plain(ex, None) for ex in self.examples]
@@ -175,9 +177,10 @@ class GroupRunner:
             return self._streaming(opts["window"])
         raise AssertionError(base)
 
-    def _blocks_of(self, ids: list[int], size: int) -> list[str]:
-        """The text of ``ids`` in blocks of ``size`` tokens, as a memory's blocks are cut."""
-        return [self.tok.decode(ids[i:i + size]) for i in range(0, len(ids), size)]
+    def _blocks_of(self, ids: list[int], size: int, stride: int = 0) -> list[str]:
+        """The text of ``ids`` in blocks of ``size`` tokens, one starting every ``stride`` (0: ``size``) tokens,
+        as a memory's blocks are cut."""
+        return [self.tok.decode(ids[i:i + size]) for i in range(0, len(ids), stride or size)]
 
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -290,11 +293,12 @@ class GroupRunner:
         return answer
 
     def _splice(self, config: ImportConfig, choice: str, local: int | None = None,
-                after_tail: bool = True, in_view: bool = False) -> list[Generation]:
+                after_tail: bool = True, in_view: bool = False, stride: int = 0) -> list[Generation]:
         """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice.
         ``after_tail``: the kept tail is prefilled once for the group without memory and the blocks are
         spliced after it; else they go before it, in reading order, and each question re-reads the tail
-        over them. ``in_view`` (bm25): only memory blocks BM25 ranks above every block of the kept tail."""
+        over them. ``in_view`` (bm25): only memory blocks BM25 ranks above every block of the kept tail. ``stride``
+        (bm25): blocks start every ``stride`` tokens, overlapping (0: they do not)."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
         blocks = config.blocks
@@ -302,14 +306,14 @@ class GroupRunner:
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and after_tail else None
-        view = self._blocks_of(tail, blocks.size) if in_view and choice == "bm25" else ()
+        view = self._blocks_of(tail, blocks.size, stride) if in_view and choice == "bm25" else ()
         out = []
         for ex in self.examples:
             began = time.perf_counter()
             before, _ = prompt_parts(self.tok, ex, False)
             if choice == "bm25":
                 ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours,
-                                  in_view=view)
+                                  in_view=view, stride=stride)
             elif choice == "layerwise":
                 with torch.no_grad(), self.port.importing(memory, config) as trace:
                     self.model(torch.tensor(before)[None], use_cache=False)
@@ -326,13 +330,15 @@ class GroupRunner:
         return out
 
     def _kvmap(self, config: ImportConfig, text_choice: bool = False, local: int | None = None,
-               tail_import: bool = False, bm25_blocks: int = 0, in_view: bool = True) -> list[Generation]:
+               tail_import: bool = False, bm25_blocks: int = 0, in_view: bool = True,
+               stride: int = 0) -> list[Generation]:
         """Memories imported while the question is read and the answer decoded. The recent context kept in the
         prompt (the tail) is ordinary context, prefilled once for the group without memory, as truncation reads
         it; ``tail_import``: the tail is read with memory import too, once per question (the first ``local``
         rows, which cost about 100 s an answer at a 4k tail on this CPU). ``bm25_blocks``: each question's
         token import searches only the tokens of the memory blocks BM25 ranks best for it (``in_view``: those
-        ranked above every block of the tail; none, and no import, where the tail ranks first)."""
+        ranked above every block of the tail; none, and no import, where the tail ranks first; ``stride``: the
+        blocks start every ``stride`` tokens, overlapping)."""
         from kvmap.splice import bm25_block_ids, block_tokens
         from kvmap.stores.tensor import TensorMemory
 
@@ -340,7 +346,7 @@ class GroupRunner:
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and not tail_import else None
-        view = self._blocks_of(tail, BM25_BLOCK) if bm25_blocks and in_view else ()
+        view = self._blocks_of(tail, BM25_BLOCK, stride) if bm25_blocks and in_view else ()
         out = []
         for ex in self.examples:
             before, after = prompt_parts(self.tok, ex, bool(tail))
@@ -351,8 +357,8 @@ class GroupRunner:
                 blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
                 config = config.with_options(fixed_blocks=tuple(blocks))
             elif bm25_blocks:
-                chosen = bm25_block_ids(memory, ex.question, BM25_BLOCK, bm25_blocks, in_view=view)
-                ids = block_tokens(chosen, BM25_BLOCK, memory.n_tokens) if chosen else None
+                chosen = bm25_block_ids(memory, ex.question, BM25_BLOCK, bm25_blocks, in_view=view, stride=stride)
+                ids = block_tokens(chosen, BM25_BLOCK, memory.n_tokens, stride) if chosen else None
                 source = TensorMemory.of_tokens(memory, ids) if chosen else None  # none: the tail ranks first
             with self.port.importing(source, config) if source is not None else contextlib.nullcontext():
                 answer = (self._generate(prompt, shared.cache, **shared.cost) if shared else self._generate(prompt))

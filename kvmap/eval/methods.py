@@ -50,7 +50,8 @@ see :mod:`kvmap.splice`), summed over every layer and head, so all layers get th
 would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own choice (all the
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
-KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 1, "in_view": 1, "bm25_blocks": 0}
+KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 1, "in_view": 1, "bm25_blocks": 0,
+                        "bm25_stride": 0}
 """Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
 tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
 as ordinary attention context, and only the context before them goes to memory; where the whole context
@@ -70,7 +71,9 @@ answer is in view); ``in_view=0`` splices the best blocks whatever the recent co
 context (``local=0``) there is nothing in view and the two are the same. ``bm25_blocks=N`` (token-level
 ``kvmap``): each question's token import searches only the tokens of the N memory blocks of 64 tokens that BM25
 ranks best for it, gated like ``in_view`` (no import at all where the kept context ranks above every memory
-block); the question-in-view selection of InfiniRetri, with BM25 in place of the model's attention."""
+block); the question-in-view selection of InfiniRetri, with BM25 in place of the model's attention. ``bm25_stride=S``
+(with ``bm25_blocks`` or ``kvmap-splice-bm25``): the blocks BM25 ranks start every S tokens, so they overlap and
+a sentence cut by one block's edge is whole in the next (0, the default: every 64 tokens, no overlap)."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
@@ -145,6 +148,10 @@ def check_methods(names: list[str]) -> None:
                 if "bm25_blocks" in options and (base not in ("kvmap", "kvmap-fixed") or options["bm25_blocks"] < 1):
                     raise InputError(f"method '{name}': bm25_blocks=N (N >= 1) is an option of the token-level import "
                                      "(kvmap, kvmap-fixed)")
+                if "bm25_stride" in options and not (base == "kvmap-splice-bm25" or "bm25_blocks" in options) \
+                        or not 0 < options.get("bm25_stride", 1) <= SPLICE["block_size"]:
+                    raise InputError(f"method '{name}': bm25_stride=S (1 <= S <= {SPLICE['block_size']}) is an option of kvmap-splice-bm25 "
+                                     "and of bm25_blocks")
                 if base != "kvmap-splice-bm25" and "in_view" in options and "bm25_blocks" not in options:
                     raise InputError(f"method '{name}': in_view is an option of kvmap-splice-bm25 and of bm25_blocks "
                                      "(BM25 ranks the kept context's text with the memory's)")
