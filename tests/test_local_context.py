@@ -16,11 +16,13 @@ def test_local_is_a_runner_option_of_every_kvmap_method():
                 ["kvmap:splice_after_tail=1"], ["kvmap-splice:in_view=1"], ["kvmap:in_view=1"],
                 ["kvmap-block:bm25_blocks=4"], ["kvmap:bm25_blocks=0"], ["kvmap-splice-bm25:bm25_blocks=4"], ["kvmap:bm25_stride=32"],
                 ["kvmap:bm25_blocks=4:bm25_stride=0"], ["kvmap:bm25_blocks=4:bm25_stride=65"],
-                ["kvmap-splice:bm25_stride=32"]):
+                ["kvmap-splice:bm25_stride=32"], ["kvmap-splice-bm25:tail_in_memory=1"],
+                ["kvmap:tail_in_memory=1:tail_import=1"], ["kvmap:bm25_blocks=4:tail_in_memory=1:in_view=1"]):
         with pytest.raises(InputError):
             check_methods(bad)
     check_methods(["kvmap:bm25_blocks=4", "kvmap:bm25_blocks=4:in_view=0:local=4096",
-                   "kvmap:bm25_blocks=4:bm25_stride=32", "kvmap-splice-bm25:bm25_stride=32"])
+                   "kvmap:bm25_blocks=4:bm25_stride=32", "kvmap-splice-bm25:bm25_stride=32",
+                   "kvmap:tail_in_memory=1", "kvmap:local=4096:bm25_blocks=8:bm25_stride=32:tail_in_memory=1"])
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,11 @@ def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_spl
         assert everywhere.text and everywhere.extra["candidate_tokens"] == 64
         restricted = runner.answer("kvmap:bm25_blocks=1")[0]  # gated: none where the tail ranks first
         assert restricted.text and restricted.extra["candidate_tokens"] in (0, 64)
+        remembered = runner.answer("kvmap:tail_in_memory=1")[0]  # the tail read as context and in memory too
+        assert remembered.text and remembered.extra["context_s"] > 0
+        assert runner.ingest["tokens"] >= len(runner.context_ids) - 2
+        whole = runner.answer("kvmap:bm25_blocks=1:tail_in_memory=1")[0]  # no gate: some block always comes back
+        assert whole.extra["candidate_tokens"] == 64
     finally:
         runner.close()
     assert not list(tmp_path.glob("memory-*"))

@@ -124,17 +124,21 @@ class GroupRunner:
         self.ingest = self._ingests[local]
         return self._memories[local]
 
-    def _split_context(self, local: int | None, reserve: int = 0) -> tuple[object | None, list[int]]:
+    def _split_context(self, local: int | None, reserve: int = 0,
+                       tail_in_memory: bool = False) -> tuple[object | None, list[int]]:
         """(memory of what lies before the tail, the tail): the last context tokens a ``local`` option keeps in
         the prompt, at most ``local`` (None: no limit) and what fits the window next to every question's
         prompt, the answer and ``reserve`` spliced tokens; the memory is ``None`` when the tail is the whole
-        context."""
+        context. ``tail_in_memory``: where there is a memory, it holds the whole context, the tail too."""
         n = 0
         if local is None or local > 0:
             parts = [prompt_parts(self.tok, ex, True) for ex in self.examples]
             room = self.window - max(len(b) + len(a) for b, a in parts) - self.max_new_tokens - reserve
             n = max(0, min(len(self.context_ids), room) if local is None else min(local, len(self.context_ids), room))
-        return self.memory(n), self.context_ids[len(self.context_ids) - n:] if n else []
+        tail = self.context_ids[len(self.context_ids) - n:] if n else []
+        if tail_in_memory and len(tail) < len(self.context_ids):
+            return self.memory(0), tail
+        return self.memory(n), tail
 
     def close(self) -> None:
         import shutil
@@ -159,7 +163,8 @@ class GroupRunner:
                                tail_import=bool(options.get("tail_import", KVMAP_RUNNER_OPTIONS["tail_import"])),
                                bm25_blocks=options.get("bm25_blocks", KVMAP_RUNNER_OPTIONS["bm25_blocks"]),
                                in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])),
-                               stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]))
+                               stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]),
+                               tail_in_memory=bool(options.get("tail_in_memory", KVMAP_RUNNER_OPTIONS["tail_in_memory"])))
         opts = {**BASELINE_OPTIONS.get(base, {}), **options}
         if base == "none":
             return [self._plain(ex, None) for ex in self.examples]
@@ -331,22 +336,25 @@ class GroupRunner:
 
     def _kvmap(self, config: ImportConfig, text_choice: bool = False, local: int | None = None,
                tail_import: bool = False, bm25_blocks: int = 0, in_view: bool = True,
-               stride: int = 0) -> list[Generation]:
+               stride: int = 0, tail_in_memory: bool = False) -> list[Generation]:
         """Memories imported while the question is read and the answer decoded. The recent context kept in the
         prompt (the tail) is ordinary context, prefilled once for the group without memory, as truncation reads
         it; ``tail_import``: the tail is read with memory import too, once per question (the first ``local``
         rows, which cost about 100 s an answer at a 4k tail on this CPU). ``bm25_blocks``: each question's
         token import searches only the tokens of the memory blocks BM25 ranks best for it (``in_view``: those
         ranked above every block of the tail; none, and no import, where the tail ranks first; ``stride``: the
-        blocks start every ``stride`` tokens, overlapping)."""
+        blocks start every ``stride`` tokens, overlapping). ``tail_in_memory``: the memory holds the tail too, so
+        the question imports from all of the context, and with ``bm25_blocks`` nothing is gated: the tail's
+        blocks are ranked as memory blocks, and one that holds the answer comes back next to the question as
+        well as being read where it is)."""
         from kvmap.splice import bm25_block_ids, block_tokens
         from kvmap.stores.tensor import TensorMemory
 
-        memory, tail = self._split_context(local)
+        memory, tail = self._split_context(local, tail_in_memory=tail_in_memory)
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and not tail_import else None
-        view = self._blocks_of(tail, BM25_BLOCK, stride) if bm25_blocks and in_view else ()
+        view = self._blocks_of(tail, BM25_BLOCK, stride) if bm25_blocks and in_view and not tail_in_memory else ()
         out = []
         for ex in self.examples:
             before, after = prompt_parts(self.tok, ex, bool(tail))

@@ -51,7 +51,7 @@ would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
 KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 1, "in_view": 1, "bm25_blocks": 0,
-                        "bm25_stride": 0}
+                        "bm25_stride": 0, "tail_in_memory": 0}
 """Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
 tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
 as ordinary attention context, and only the context before them goes to memory; where the whole context
@@ -73,7 +73,12 @@ context (``local=0``) there is nothing in view and the two are the same. ``bm25_
 ranks best for it, gated like ``in_view`` (no import at all where the kept context ranks above every memory
 block); the question-in-view selection of InfiniRetri, with BM25 in place of the model's attention. ``bm25_stride=S``
 (with ``bm25_blocks`` or ``kvmap-splice-bm25``): the blocks BM25 ranks start every S tokens, so they overlap and
-a sentence cut by one block's edge is whole in the next (0, the default: every 64 tokens, no overlap)."""
+a sentence cut by one block's edge is whole in the next (0, the default: every 64 tokens, no overlap).
+``tail_in_memory=1`` (token-level methods): the memory holds the whole context, the kept recent context too,
+which is still read as ordinary context; so a fact in view can also come back next to the question, where a
+small model reads it more surely than thousands of tokens back (the kept context's misses on NIAH and
+passkey at 16k are such facts). With ``bm25_blocks`` there is then no gate: the kept context's blocks are
+ranked as memory blocks."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
@@ -152,6 +157,10 @@ def check_methods(names: list[str]) -> None:
                         or not 0 < options.get("bm25_stride", 1) <= SPLICE["block_size"]:
                     raise InputError(f"method '{name}': bm25_stride=S (1 <= S <= {SPLICE['block_size']}) is an option of kvmap-splice-bm25 "
                                      "and of bm25_blocks")
+                if "tail_in_memory" in options and (base.startswith("kvmap-splice") or "tail_import" in options
+                                                    or "in_view" in options):
+                    raise InputError(f"method '{name}': tail_in_memory is an option of the token-level import, without "
+                                     "tail_import or in_view (the kept context is then memory too, and nothing is gated)")
                 if base != "kvmap-splice-bm25" and "in_view" in options and "bm25_blocks" not in options:
                     raise InputError(f"method '{name}': in_view is an option of kvmap-splice-bm25 and of bm25_blocks "
                                      "(BM25 ranks the kept context's text with the memory's)")
