@@ -346,7 +346,7 @@ class GroupRunner:
         blocks start every ``stride`` tokens, overlapping). ``tail_in_memory``: the memory holds the tail too, so
         the question imports from all of the context, and with ``bm25_blocks`` nothing is gated: the tail's
         blocks are ranked as memory blocks, and one that holds the answer comes back next to the question as
-        well as being read where it is)."""
+        well as being read where it is."""
         from kvmap.splice import bm25_block_ids, block_tokens
         from kvmap.stores.tensor import TensorMemory
 
