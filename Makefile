@@ -102,6 +102,7 @@ bench-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval niah --lengths 16k --limit 20 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/niah-single
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,kvmap:local=4096:bm25_blocks=8:bm25_stride=32:tail_in_memory=1 --out runs/passkey-16k
 	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32:tail_in_memory=1 --out runs/niah-single
+	$(BIN)/kvmap eval niah --variant multikey --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,kvmap:local=4096:bm25_blocks=2:bm25_stride=32 --out runs/niah-multikey
 	$(BIN)/python benchmarks/adapter_side_effects.py --adapter $(V2)
 	$(MAKE) report
 
