@@ -17,7 +17,8 @@ def test_local_is_a_runner_option_of_every_kvmap_method():
                 ["kvmap-block:bm25_blocks=4"], ["kvmap:bm25_blocks=0"], ["kvmap-splice-bm25:bm25_blocks=4"], ["kvmap:bm25_stride=32"],
                 ["kvmap:bm25_blocks=4:bm25_stride=0"], ["kvmap:bm25_blocks=4:bm25_stride=65"],
                 ["kvmap-splice:bm25_stride=32"], ["kvmap-splice-bm25:tail_in_memory=1"],
-                ["kvmap:tail_in_memory=1:tail_import=1"], ["kvmap:bm25_blocks=4:tail_in_memory=1:in_view=1"]):
+                ["kvmap:tail_in_memory=1:tail_import=1"], ["kvmap:bm25_blocks=4:tail_in_memory=1:in_view=1"],
+                ["kvmap:tail_in_memory=2"], ["kvmap-splice-bm25:in_view=-1"]):
         with pytest.raises(InputError):
             check_methods(bad)
     check_methods(["kvmap:bm25_blocks=4", "kvmap:bm25_blocks=4:in_view=0:local=4096",

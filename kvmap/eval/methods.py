@@ -145,6 +145,10 @@ def check_methods(names: list[str]) -> None:
             try:
                 import_config(name)
                 local_tokens(name)
+                flags = [f for f in ("tail_import", "splice_after_tail", "in_view", "tail_in_memory")
+                         if options.get(f, 0) not in (0, 1)]
+                if flags:
+                    raise InputError(f"method '{name}': {flags[0]} is a switch; give {flags[0]}=1 or {flags[0]}=0")
                 if base.startswith("kvmap-splice") and "tail_import" in options:
                     raise InputError(f"method '{name}': tail_import is an option of the import methods; a splice "
                                      "method reads its recent context as ordinary context already")
