@@ -94,6 +94,20 @@ def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 
     return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < n_all})
 
 
+def bm25_memory(memory, question: str, n_blocks: int, block_size: int = 64, stride: int = 0,
+                in_view: list[str] = ()) -> tuple[object | None, torch.Tensor]:
+    """(an in-RAM memory of just the tokens of the blocks :func:`bm25_block_ids` chooses, their memory
+    ids (M,) in reading order): token import from it searches only the passages BM25 ranks best for
+    the question. ``(None, empty)`` where none is chosen (a block ``in_view`` ranks first)."""
+    from kvmap.stores.tensor import TensorMemory
+
+    chosen = bm25_block_ids(memory, question, block_size, n_blocks, in_view=in_view, stride=stride)
+    if not chosen:
+        return None, torch.zeros(0, dtype=torch.long)
+    ids = block_tokens(chosen, block_size, memory.n_tokens, stride)
+    return TensorMemory.of_tokens(memory, ids), ids
+
+
 def bm25_block_scores(memory, question: str, block_size: int = 64, in_view: list[str] = (),
                       stride: int = 0) -> np.ndarray:
     """BM25 score for ``question`` of every block of ``block_size`` memory tokens' text, one starting every

@@ -347,8 +347,7 @@ class GroupRunner:
         the question imports from all of the context, and with ``bm25_blocks`` nothing is gated: the tail's
         blocks are ranked as memory blocks, and one that holds the answer comes back next to the question as
         well as being read where it is."""
-        from kvmap.splice import bm25_block_ids, block_tokens
-        from kvmap.stores.tensor import TensorMemory
+        from kvmap.splice import bm25_block_ids, bm25_memory
 
         memory, tail = self._split_context(local, tail_in_memory=tail_in_memory)
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
@@ -365,9 +364,8 @@ class GroupRunner:
                 blocks = bm25_block_ids(memory, ex.question, config.blocks.size, config.blocks.n_blocks)
                 config = config.with_options(fixed_blocks=tuple(blocks))
             elif bm25_blocks:
-                chosen = bm25_block_ids(memory, ex.question, BM25_BLOCK, bm25_blocks, in_view=view, stride=stride)
-                ids = block_tokens(chosen, BM25_BLOCK, memory.n_tokens, stride) if chosen else None
-                source = TensorMemory.of_tokens(memory, ids) if chosen else None  # none: the tail ranks first
+                # None where a block of the tail ranks first: no import
+                source, _ = bm25_memory(memory, ex.question, bm25_blocks, BM25_BLOCK, stride, view)
             with self.port.importing(source, config) if source is not None else contextlib.nullcontext():
                 answer = (self._generate(prompt, shared.cache, **shared.cost) if shared else self._generate(prompt))
             answer.seconds = time.perf_counter() - began
