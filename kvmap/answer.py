@@ -66,14 +66,19 @@ def snippet(memory, memory_id: int, radius: int = 8) -> str:
     return "".join(parts).replace("\n", " ").strip()
 
 
-def describe_trace(memory, trace: ImportTrace, n: int = 8) -> tuple[list[MemoryEntry], dict[str, float]]:
-    """The ``n`` most-retrieved memories (with snippets) and each source's share of all retrievals."""
+def describe_trace(memory, trace: ImportTrace, n: int = 8,
+                   ids: torch.Tensor | None = None) -> tuple[list[MemoryEntry], dict[str, float]]:
+    """The ``n`` most-retrieved memories (with snippets) and each source's share of all retrievals.
+    ``ids``: the memory ids (M,) of the entries of the memory imported from, where that was a part of
+    ``memory`` (:func:`kvmap.splice.bm25_memory`): the trace's ids index them."""
+    to_memory = (lambda i: i) if ids is None else (lambda i: int(ids[i]))  # noqa: E731
     per_source: Counter = Counter()
     for memory_id, hits in trace.hits.items():
-        per_source[memory.entry(memory_id).source] += hits
+        per_source[memory.entry(to_memory(memory_id)).source] += hits
     total = sum(per_source.values()) or 1.0
     entries = []
-    for memory_id, hits in trace.top(n):
+    for traced_id, hits in trace.top(n):
+        memory_id = to_memory(traced_id)
         e = memory.entry(memory_id, score=hits)
         e.text = snippet(memory, memory_id)
         entries.append(e)
@@ -150,7 +155,7 @@ def describe_blocks(memory, blocks: list[int], scores: list[float], block_size: 
     return entries
 
 
-ASK_MODES = ("splice", "splice-attention", "import")
+ASK_MODES = ("splice", "splice-attention", "import", "import-bm25")
 
 
 def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None = None,
@@ -160,9 +165,12 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
 
     ``mode``: ``splice`` (default) splices the memory blocks BM25 picks for the question into the
     prompt; ``splice-attention`` lets the question's queries pick them (:mod:`kvmap.splice`);
-    ``import`` adds every query's top-k memory tokens to attention (the seed's token-level import).
-    ``config`` configures either: in the splice modes it must have block settings (``None``: the
-    splice preset, :func:`kvmap.presets.preset`), in import mode ``None`` is the token-level default.
+    ``import`` adds every query's top-k memory tokens to attention (the seed's token-level import);
+    ``import-bm25`` does the same among the tokens of the few memory blocks BM25 ranks best for the
+    question only (:data:`kvmap.presets.BM25_GATE`), the way the NIAH rows of RESULTS.md found needles.
+    ``config`` configures any: in the splice modes it must have block settings (``None``: the
+    splice preset, :func:`kvmap.presets.preset`); in import mode ``None`` is the token-level default,
+    in import-bm25 mode the preset ``bm25-import``.
     """
     import time
 
@@ -179,8 +187,18 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
         # every spliced block is listed (they are all the answer read), not only n_memories of them
         return Answer(text=text, seconds=time.perf_counter() - began, memories=blocks,
                       source_shares={src: n / total for src, n in shares.most_common()})
-    text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), memory, config, max_new_tokens, port=port)
+    source, ids = memory, None
+    if memory is not None and mode == "import-bm25":
+        from kvmap.presets import BM25_GATE
+        from kvmap.splice import bm25_memory
+
+        gate = BM25_GATE
+        source, ids = bm25_memory(memory, question, gate["n_blocks"], gate["block_size"], gate["stride"])
+        config = config or preset("bm25-import")
+        if source is not None:  # None: an empty memory, nothing to import
+            config = config.with_options(top_k=min(config.top_k, source.n_tokens))  # fewer tokens than k
+    text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), source, config, max_new_tokens, port=port)
     answer = Answer(text=text, new_tokens=n_new, seconds=time.perf_counter() - began)
     if memory is not None:
-        answer.memories, answer.source_shares = describe_trace(memory, trace, n_memories)
+        answer.memories, answer.source_shares = describe_trace(memory, trace, n_memories, ids)
     return answer

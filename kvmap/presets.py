@@ -21,7 +21,16 @@ SPLICE: dict = {"block_size": 64, "n_blocks": 8, "placement": "contiguous"}
 """Block settings of `kvmap ask`'s default splice mode and the demo: the 8 blocks of 64 tokens that BM25
 (or the question's queries) rank best, their stored K/V spliced into the prompt."""
 
-PRESETS: dict[str, dict] = {"token-import": TOKEN_IMPORT, "scale-1m": SCALE_1M, "splice": SPLICE}
+BM25_IMPORT: dict = {"distance": 256}
+"""Token-level import settings of `kvmap ask --mode import-bm25`: the seed's import, with the memories placed
+256 positions behind each query instead of 4096 (NIAH multikey at 16k, dev: 8/10 against 5/10 at 4096)."""
+
+BM25_GATE: dict = {"n_blocks": 2, "block_size": 64, "stride": 32}
+"""The passages `--mode import-bm25` imports from: the 2 blocks of 64 tokens, one starting every 32, that
+BM25 ranks best for the question (:func:`kvmap.splice.bm25_memory`); chosen on NIAH dev (RESULTS.md)."""
+
+PRESETS: dict[str, dict] = {"token-import": TOKEN_IMPORT, "scale-1m": SCALE_1M, "splice": SPLICE,
+                            "bm25-import": BM25_IMPORT}
 
 
 def preset(name: str, **overrides) -> ImportConfig:

@@ -62,6 +62,29 @@ def test_generate_with_memory_greedy_and_sampling(lm, tmp_path):
     assert n == 6 and trace.hits
 
 
+def test_import_bm25_imports_only_from_the_blocks_bm25_chose(lm, tmp_path):
+    """``--mode import-bm25``: the question's queries search only the BM25-chosen blocks, so every memory the
+    answer lists comes from them, here the planted note, none from the tale read after it."""
+    from kvmap.answer import ask
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.reader import read_into
+    from kvmap.splice import bm25_memory
+    from kvmap.stores import Memory
+
+    port = LlamaMemoryPort(lm.model, lm.model_id)
+    memory = Memory.create(tmp_path / "m", lm.model_id, port.layout)
+    note = "The lighthouse keeper's secret word is zanzibar. " * 12  # longer than the two chosen blocks
+    read_into(port, lm.tokenizer, memory, "note", [note], progress=False)
+    read_into(port, lm.tokenizer, memory, "frog-king", [grimm_tales()[0]["text"][:1500]], progress=False)
+    question = "What is the lighthouse keeper's secret word?"
+    _, ids = bm25_memory(memory, question, 2, 64, 32)
+    assert ids.max() < memory.sources()[0]["n_tokens"]  # BM25 chose two blocks of the note
+    answer = ask(lm, question, memory, max_new_tokens=8, port=port, mode="import-bm25")
+    assert answer.text and answer.memories
+    assert set(answer.source_shares) == {"note"}
+    assert all("zanzibar" in m.text or "lighthouse" in m.text for m in answer.memories)
+
+
 def test_remember_killed_midway_keeps_the_memory_answering_the_same(tmp_path):
     tales = grimm_tales()
     small, big = tmp_path / "small.txt", tmp_path / "big.txt"

@@ -10,7 +10,7 @@ from kvmap.cli.options import (BLOCK_FLAGS, REUSE_FLAGS, TOKEN_FLAGS, add_block_
 from kvmap.errors import InputError, KVMapError
 from kvmap.fileio import disk_usage
 
-ASK_MODES = ("splice", "splice-attention", "import")
+ASK_MODES = ("splice", "splice-attention", "import", "import-bm25")
 """Kept equal to :data:`kvmap.answer.ASK_MODES` (a test checks), so ``kvmap --help`` needs no torch import."""
 
 
@@ -136,7 +136,7 @@ def ask_config(args):
 
     flags = {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS}
     typed = given(args, flags)
-    if getattr(args, "adapter", None) and args.mode != "import":
+    if getattr(args, "adapter", None) and not args.mode.startswith("import"):
         raise InputError(f"--adapter acts only while memories are imported; with --mode {args.mode} it would "
                          "change nothing: add --mode import or drop --adapter")
     if args.mode in SPLICE_ALLOWS:
@@ -147,6 +147,12 @@ def ask_config(args):
             raise InputError(f"{names} {'applies' if one else 'apply'} to --mode import only, not --mode {args.mode}; "
                              f"drop {'it' if one else 'them'} or add --mode import")
         return import_config(args, base=PRESETS["splice"])
+    if args.mode == "import-bm25":
+        blocks = [flags[n] for n in typed if n in BLOCK_FLAGS]
+        if blocks:
+            raise InputError(f"{', '.join(blocks)} do not apply to --mode import-bm25 (it imports tokens from the "
+                             "blocks of kvmap.presets.BM25_GATE that BM25 chooses): drop them or use --mode import")
+        return import_config(args, base=PRESETS["bm25-import"])
     return import_config(args)
 
 
@@ -227,7 +233,9 @@ def add_ask(sub) -> None:
                         "their stored K/V spliced into the prompt (--block-size, --n-blocks apply); "
                         "splice-attention: the question's queries pick the blocks (--layers applies too); "
                         "import: every query's top-k memory tokens join attention (the seed's method; the "
-                        "import options apply)")
+                        "import options apply); import-bm25: the same among the tokens of the 2 overlapping "
+                        "64-token blocks BM25 ranks best for the question, placed 256 positions back "
+                        "(preset 'bm25-import'; the token import options apply)")
     from kvmap.presets import PRESETS
 
     add_block_options(a, PRESETS["splice"])
