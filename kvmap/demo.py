@@ -1,10 +1,11 @@
 """The fairy-tale demo: Grimm tales go into memory, questions come out answered from it.
 
 The memory is built once (about 60k tokens, far beyond SmolLM2's 8k window) and reused. Each
-question is answered three ways, and the tales the memories came from are shown: "with memory" is
+question is answered four ways, and the tales the memories came from are shown: "with memory" is
 ``kvmap ask``'s default mode (the memory blocks BM25 ranks best for the question have their stored
-K/V spliced into the prompt, ``kvmap.splice``), "without memory" the same model alone, and
-"token-level import" the seed's method (through the memory adapter of ``--adapter`` when given).
+K/V spliced into the prompt, ``kvmap.splice``), "without memory" the same model alone,
+"token-level import" the seed's method (through the memory adapter of ``--adapter`` when given), and
+"BM25-gated import" the seed's method searching only the 2 blocks BM25 ranks best (``--mode import-bm25``).
 The questions were picked among those SmolLM2-135M answers correctly when the tale itself is in its
 prompt (see README, "Demo"). Then three tales are retold ("Tell me the story of ...", the seed's
 other experiment), scored by ROUGE-L against the tale's opening, with and without memory.
@@ -69,10 +70,12 @@ def _rouge_l(text: str, reference: str) -> float:
 
 
 def _answers(lm, port, memory, question: str, adapter_config) -> dict:
-    """The question answered three ways: the best mode (splice), no memory, the seed's token-level import."""
+    """The question answered four ways: the best mode (splice), no memory, the seed's token-level import, and
+    that import among the BM25-chosen blocks only."""
     return {"with memory": ask(lm, question, memory, preset("splice"), max_new_tokens=20, port=port),
             "without memory": ask(lm, question, None, max_new_tokens=20, port=port),
-            "token-level import": ask(lm, question, memory, adapter_config, max_new_tokens=20, port=port, mode="import")}
+            "token-level import": ask(lm, question, memory, adapter_config, max_new_tokens=20, port=port, mode="import"),
+            "BM25-gated import": ask(lm, question, memory, None, max_new_tokens=20, port=port, mode="import-bm25")}
 
 
 def _retell(lm, port, memory, n_tales: int) -> list[tuple[str, float, float]]:
@@ -101,7 +104,7 @@ def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = F
     print(f"\nMemory: {memory.n_tokens} tokens from {len(memory.sources())} tales "
           f"(SmolLM2's window is {lm.model.config.max_position_embeddings} tokens).\n")
     token_level = ImportConfig()  # the seed's import; with the memory adapter on when one is loaded
-    hits = {"with memory": 0, "without memory": 0, "token-level import": 0}
+    hits = {"with memory": 0, "without memory": 0, "token-level import": 0, "BM25-gated import": 0}
     log: list[dict] = []
     for question, expected in QUESTIONS:
         answers = _answers(lm, port, memory, question, token_level)
@@ -135,7 +138,7 @@ def _record(path: Path, memory, adapter: str | None, hits: dict, log: list[dict]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {
         "memory_tokens": memory.n_tokens, "tales": len(memory.sources()), "adapter": adapter,
-        "questions": len(QUESTIONS), "correct": {k.replace(" ", "_").replace("-", "_"): v for k, v in hits.items()},
+        "questions": len(QUESTIONS), "correct": {k.lower().replace(" ", "_").replace("-", "_"): v for k, v in hits.items()},
         "answers": log, "seconds": seconds,
         "retelling": {"tales": [{"title": t, "with_memory": w, "without_memory": wo} for t, w, wo in retold],
                       "mean_with_memory": mean(w for _, w, _ in retold) if retold else None,
