@@ -103,16 +103,22 @@ bench-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,kvmap:local=4096:bm25_blocks=8:bm25_stride=32:tail_in_memory=1 --out runs/passkey-16k
 	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32:tail_in_memory=1 --out runs/niah-single
 	$(BIN)/kvmap eval niah --variant multikey --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,kvmap:local=4096:bm25_blocks=2:bm25_stride=32 --out runs/niah-multikey
+	$(BIN)/kvmap eval niah --variant multikey --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=2:bm25_stride=32:distance=256,kvmap:local=4096:bm25_blocks=2:bm25_stride=32:tail_in_memory=1,kvmap:local=4096:bm25_blocks=1:bm25_stride=32,$(BM25_IMPORT_METHOD),kvmap-splice-bm25:bm25_stride=32 --out runs/niah-multikey
+	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods $(BM25_IMPORT_METHOD) --out runs/niah-single
+	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods $(BM25_IMPORT_METHOD) --out runs/passkey-16k
 	$(BIN)/python benchmarks/adapter_side_effects.py --adapter $(V2)
 	$(MAKE) report
 
 # Test-part rows of choices made on dev after the grid's method list was fixed, into the grid's own run
-# folders (each reported once; about 4 h on this CPU, most of it the 64k ingest).
+# folders (each reported once; about 5 h on this CPU, most of it the 64k ingest).
+# `kvmap ask --mode import-bm25` as an eval method (2 overlapping BM25 blocks, memories 256 back, the kept context in memory too)
+BM25_IMPORT_METHOD := kvmap:local=4096:bm25_blocks=2:bm25_stride=32:distance=256:tail_in_memory=1
 NIAH_TEST := $(BIN)/kvmap eval niah --part test --variant single --max-new-tokens 40
 bench-test-choices: $(STAMP)
-	$(NIAH_TEST) --lengths 16k --limit 50 --methods kvmap,kvmap:local=4096,truncate,rag-bm25,kvmap-splice-bm25,kvmap:local=4096:bm25_blocks=8,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/grid/niah-single-16k
+	$(NIAH_TEST) --lengths 16k --limit 50 --methods kvmap,kvmap:local=4096,truncate,rag-bm25,kvmap-splice-bm25,kvmap:local=4096:bm25_blocks=8,kvmap:local=4096:bm25_blocks=8:bm25_stride=32,$(BM25_IMPORT_METHOD) --out runs/grid/niah-single-16k
 	$(NIAH_TEST) --lengths 64k --limit 30 --methods kvmap:local=4096,truncate,rag-bm25,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/grid/niah-single-64k
-	$(BIN)/kvmap eval niah --part test --variant multikey --max-new-tokens 40 --lengths 16k --limit 10 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,rag-bm25,truncate,kvmap:local=4096 --out runs/grid/niah-multikey
+	$(BIN)/kvmap eval niah --part test --variant multikey --max-new-tokens 40 --lengths 16k --limit 10 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,rag-bm25,truncate,kvmap:local=4096,$(BM25_IMPORT_METHOD) --out runs/grid/niah-multikey
+	for q in 1 2; do $(BIN)/kvmap eval babi --part test --qa $$q --lengths 16k --limit 10 --methods oracle,truncate,rag-bm25,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/grid/babi-qa$$q; done
 	$(BIN)/kvmap eval fairytaleqa --part test --per-story 4 --lengths 4k,16k --limit 52 --methods kvmap-splice-bm25 --out runs/grid/fairytaleqa
 	$(MAKE) report
 
