@@ -192,8 +192,7 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
         from kvmap.presets import BM25_GATE
         from kvmap.splice import bm25_memory
 
-        gate = BM25_GATE
-        source, ids = bm25_memory(memory, question, gate["n_blocks"], gate["block_size"], gate["stride"])
+        source, ids = bm25_memory(memory, question, BM25_GATE["n_blocks"], BM25_GATE["block_size"], BM25_GATE["stride"])
         config = config or preset("bm25-import")
         if source is not None:  # None: an empty memory, nothing to import
             config = config.with_options(top_k=min(config.top_k, source.n_tokens))  # fewer tokens than k
