@@ -78,3 +78,32 @@ def test_a_context_that_fits_is_read_as_truncation_reads_it_and_a_longer_one_spl
     finally:
         runner.close()
     assert not list(tmp_path.glob("memory-*"))
+
+
+def test_recompute_reads_the_chosen_blocks_again_as_tokens_after_the_kept_context(lm, tmp_path):
+    from kvmap.decoding import greedy
+    from kvmap.eval.group import GroupRunner, prompt_parts
+    from kvmap.eval.tasks import make_examples
+    from kvmap.splice import bm25_blocks
+
+    examples = make_examples("niah", lm.tokenizer, 700, 1, part="test")
+    runner = GroupRunner(lm, examples, tmp_path, max_new_tokens=8)
+    try:
+        before, after = prompt_parts(lm.tokenizer, examples[0], True)
+        runner.window = 300 + len(before) + len(after) + runner.max_new_tokens + 16
+        method = "kvmap-splice-bm25:in_view=0:n_blocks=1:block_size=16"
+        spliced = runner.answer(method)[0]
+        reread = runner.answer(method + ":recompute=1")[0]
+        memory, tail = runner._split_context(None, reserve=16)
+        ids = bm25_blocks(memory, examples[0].question, 16, 1, 0, in_view=(), stride=0)
+        block = memory.token_ids()[ids.numpy()].tolist()
+        assert lm.tokenizer.decode(block) == "".join(memory.token_texts()[i] for i in ids.tolist())
+        expected = greedy(lm.model, lm.tokenizer, before + tail + block + after, runner.max_new_tokens).text.strip()
+        assert reread.text == expected  # the same tokens, read as tokens: no stored K/V in the answer
+        assert reread.extra["spliced_tokens"] == spliced.extra["spliced_tokens"] == 16
+        with pytest.raises(InputError):
+            check_methods(["kvmap:recompute=1"])
+        with pytest.raises(InputError):
+            check_methods(["kvmap-splice-layerwise:recompute=1"])
+    finally:
+        runner.close()

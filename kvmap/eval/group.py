@@ -157,7 +157,8 @@ class GroupRunner:
             return self._splice(import_config(method), choice=base.rpartition("-")[2], local=local_tokens(method),
                                 after_tail=bool(options.get("splice_after_tail", KVMAP_RUNNER_OPTIONS["splice_after_tail"])),
                                 in_view=bool(options.get("in_view", KVMAP_RUNNER_OPTIONS["in_view"])),
-                                stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]))
+                                stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]),
+                                recompute=bool(options.get("recompute", KVMAP_RUNNER_OPTIONS["recompute"])))
         if base in KVMAP_PRESETS:
             return self._kvmap(import_config(method), text_choice=base == "kvmap-bm25", local=local_tokens(method),
                                tail_import=bool(options.get("tail_import", KVMAP_RUNNER_OPTIONS["tail_import"])),
@@ -279,32 +280,42 @@ class GroupRunner:
         return [self._spliced_answer(ex, tail, 0.0) for ex in self.examples]
 
     def _spliced_answer(self, ex: Example, ids, chose_s: float, memory=None, tail: list[int] = (),
-                        shared: SharedPrefix | None = None) -> Generation:
+                        shared: SharedPrefix | None = None, recompute: bool = False) -> Generation:
         """Answer with memory tokens' K/V placed where a text baseline's context goes (see kvmap.splice),
         followed by ``tail``, the most recent context tokens kept as ordinary context; with ``shared`` (the
-        prompt start and tail, prefilled once), the blocks come after the tail instead, next to the question."""
+        prompt start and tail, prefilled once), the blocks come after the tail instead, next to the question.
+        ``recompute``: the same memory tokens are read again as tokens (their K/V recomputed in the new
+        context, CacheBlend's limit of recomputing every spliced token) instead of spliced as stored."""
         from kvmap.splice import spliced_cache
 
+        memory = memory or self.memory()
         began = time.perf_counter()
+        reread = memory.token_ids()[ids.numpy()].tolist() if recompute else []
         if shared is not None:
             after = shared.rest_of_prompt(ex)
-            cache, _ = spliced_cache(self.port, memory, [], ids, cache=shared.cache)
-            answer = self._generate(after, cache, **shared.cost)
+            cache = shared.cache if recompute else spliced_cache(self.port, memory, [], ids, cache=shared.cache)[0]
+            answer = self._generate(reread + after, cache, **shared.cost)
         else:
             before, after = prompt_parts(self.tok, ex, True)
-            cache, _ = spliced_cache(self.port, memory or self.memory(), before, ids)
-            answer = self._generate(list(tail) + after, cache)
+            if recompute:
+                answer = self._generate(before + reread + list(tail) + after)
+            else:
+                cache, _ = spliced_cache(self.port, memory, before, ids)
+                answer = self._generate(list(tail) + after, cache)
         answer.seconds = time.perf_counter() - began + chose_s  # choosing and splicing follow the question
         return answer
 
     def _splice(self, config: ImportConfig, choice: str, local: int | None = None,
-                after_tail: bool = True, in_view: bool = False, stride: int = 0) -> list[Generation]:
+                after_tail: bool = True, in_view: bool = False, stride: int = 0,
+                recompute: bool = False) -> list[Generation]:
         """``choice``: ``bm25`` (block text), ``layerwise`` (per layer and head), else shared attention choice.
         ``after_tail``: the kept tail is prefilled once for the group without memory and the blocks are
         spliced after it; else they go before it, in reading order, and each question re-reads the tail
         over them. ``in_view`` (bm25): only memory blocks BM25 ranks above every block of the kept tail. ``stride``
-        (bm25): blocks start every ``stride`` tokens, overlapping (0: they do not)."""
+        (bm25): blocks start every ``stride`` tokens, overlapping (0: they do not). ``recompute``: the chosen
+        blocks are read again as tokens instead of spliced as stored K/V (see :meth:`_spliced_answer`)."""
         from kvmap.splice import bm25_blocks, choose_blocks
+
 
         blocks = config.blocks
         memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
@@ -325,7 +336,7 @@ class GroupRunner:
                 ids = dict(trace.blocks)
             else:  # the question's tokens and the assistant turn's opening vote, summed over layers
                 ids = choose_blocks(self.port, memory, before, config, select_last=len(self._enc(ex.question)) + 6)
-            answer = self._spliced_answer(ex, ids, time.perf_counter() - began, memory, tail, shared)
+            answer = self._spliced_answer(ex, ids, time.perf_counter() - began, memory, tail, shared, recompute)
             first = ids if isinstance(ids, torch.Tensor) else next(iter(ids.values()))[0]  # layer 0, head 0
             texts = memory.token_texts()
             answer.extra["retrieved_answer"] = float(contains_answer("".join(texts[i] for i in first.tolist()),

@@ -51,7 +51,8 @@ would give them; ``kvmap-splice-layerwise``: each (layer, KV head) keeps its own
 prompt's queries)."""
 METHODS = BASELINES + tuple(KVMAP_PRESETS)
 KVMAP_RUNNER_OPTIONS = {"local": None, "tail_import": 0, "splice_after_tail": 1, "in_view": 1, "bm25_blocks": 0,
-                        "bm25_stride": 0, "tail_in_memory": 0}
+                        "bm25_stride": 0, "tail_in_memory": 0,
+                        "recompute": 0}
 """Options of every kvmap method that are not ImportConfig fields. ``local=N``: the most recent N context
 tokens (as many as fit the window next to the prompt, the answer and any spliced blocks) stay in the prompt
 as ordinary attention context, and only the context before them goes to memory; where the whole context
@@ -78,7 +79,9 @@ a sentence cut by one block's edge is whole in the next (0, the default: every 6
 which is still read as ordinary context; so a fact in view can also come back next to the question, where a
 small model reads it more surely than thousands of tokens back (the kept context's misses on NIAH and
 passkey at 16k are such facts). With ``bm25_blocks`` there is then no gate: the kept context's blocks are
-ranked as memory blocks."""
+ranked as memory blocks. ``recompute=1`` (splice methods): the chosen blocks' tokens are read again in the
+prompt, their K/V computed anew next to the question, instead of spliced as the memory stored them (the limit
+of CacheBlend's partial recomputation where every spliced token is recomputed); the memory still chooses them."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
                      "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
 
@@ -145,15 +148,19 @@ def check_methods(names: list[str]) -> None:
             try:
                 import_config(name)
                 local_tokens(name)
-                flags = [f for f in ("tail_import", "splice_after_tail", "in_view", "tail_in_memory")
+                flags = [f for f in ("tail_import", "splice_after_tail", "in_view", "tail_in_memory", "recompute")
                          if options.get(f, 0) not in (0, 1)]
                 if flags:
                     raise InputError(f"method '{name}': {flags[0]} is a switch; give {flags[0]}=1 or {flags[0]}=0")
                 if base.startswith("kvmap-splice") and "tail_import" in options:
                     raise InputError(f"method '{name}': tail_import is an option of the import methods; a splice "
                                      "method reads its recent context as ordinary context already")
-                if not base.startswith("kvmap-splice") and "splice_after_tail" in options:
-                    raise InputError(f"method '{name}': splice_after_tail is an option of the kvmap-splice methods")
+                for option in ("splice_after_tail", "recompute"):
+                    if not base.startswith("kvmap-splice") and option in options:
+                        raise InputError(f"method '{name}': {option} is an option of the kvmap-splice methods")
+                if base == "kvmap-splice-layerwise" and options.get("recompute"):
+                    raise InputError(f"method '{name}': recompute=1 needs one choice of memory tokens for all layers; "
+                                     "use kvmap-splice-bm25 or kvmap-splice")
                 if "bm25_blocks" in options and (base not in ("kvmap", "kvmap-fixed") or options["bm25_blocks"] < 1):
                     raise InputError(f"method '{name}': bm25_blocks=N (N >= 1) is an option of the token-level import "
                                      "(kvmap, kvmap-fixed)")

@@ -348,6 +348,11 @@ class Memory:
         """The text of every memory token, in id (reading) order."""
         return provenance.token_texts(self._segments)
 
+    def token_ids(self) -> np.ndarray:
+        """(n_tokens,) int64: the vocabulary id of every memory token, in id order (what re-reading a block
+        feeds the model: the tokens themselves, not their stored K/V)."""
+        return provenance.token_ids(self._segments)
+
     def block_means(self, layer: int, block_size: int) -> torch.Tensor:
         """Mean key of each block of ``block_size`` consecutive memory ids (the last may be shorter).
 
