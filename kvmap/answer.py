@@ -109,8 +109,11 @@ def context_prompt(tokenizer, question: str, instruction: str = "") -> tuple[lis
 
 
 def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", config: ImportConfig | None = None,
-                max_new_tokens: int = 64, port: MemoryPort | None = None) -> tuple[str, list[MemoryEntry]]:
+                max_new_tokens: int = 64, port: MemoryPort | None = None,
+                recompute: bool = False) -> tuple[str, list[MemoryEntry]]:
     """Answer with the memory blocks chosen for the question spliced into the prompt (see kvmap.splice).
+    ``recompute``: the blocks' tokens are read again in the prompt, their K/V computed anew next to the
+    question, instead of spliced as stored (CacheBlend's limit where every spliced token is recomputed).
 
     ``choice``: ``bm25`` (block text) or ``attention`` (the question's queries). ``config`` gives the
     blocks (``config.blocks``: size, count); ``None``: the splice preset (8 blocks of 64 tokens).
@@ -137,8 +140,13 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
         scores = block_mass(port, memory, chat_prompt(tok, question), config, select_last=question_tokens + 6)
         blocks = top_blocks(scores, config.blocks.n_blocks, size, memory.n_tokens)
     before, after = context_prompt(tok, question)
-    cache, _ = spliced_cache(port, memory, before, block_tokens(blocks, size, memory.n_tokens))
-    text = greedy(lm.model, tok, after, max_new_tokens, cache).text.strip()
+    ids = block_tokens(blocks, size, memory.n_tokens)  # (M,) memory ids in reading order
+    if recompute:
+        text = greedy(lm.model, tok, before + memory.token_ids()[ids.numpy()].tolist() + after, max_new_tokens).text
+    else:
+        cache, _ = spliced_cache(port, memory, before, ids)
+        text = greedy(lm.model, tok, after, max_new_tokens, cache).text
+    text = text.strip()
     return text, describe_blocks(memory, blocks, [float(scores[b]) for b in blocks], size)
 
 
@@ -155,7 +163,7 @@ def describe_blocks(memory, blocks: list[int], scores: list[float], block_size: 
     return entries
 
 
-ASK_MODES = ("splice", "splice-attention", "import", "import-bm25")
+ASK_MODES = ("splice", "splice-attention", "recompute", "import", "import-bm25")
 
 
 def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None = None,
@@ -165,6 +173,7 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
 
     ``mode``: ``splice`` (default) splices the memory blocks BM25 picks for the question into the
     prompt; ``splice-attention`` lets the question's queries pick them (:mod:`kvmap.splice`);
+    ``recompute`` reads the blocks BM25 picks again as tokens (their K/V computed anew, not spliced);
     ``import`` adds every query's top-k memory tokens to attention (the seed's token-level import);
     ``import-bm25`` does the same among the tokens of the few memory blocks BM25 ranks best for the
     question only (:data:`kvmap.presets.BM25_GATE`), the way the NIAH rows of RESULTS.md found needles.
@@ -177,9 +186,9 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
     if mode not in ASK_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ASK_MODES)}")
     began = time.perf_counter()
-    if memory is not None and mode.startswith("splice"):
+    if memory is not None and (mode.startswith("splice") or mode == "recompute"):
         choice = "attention" if mode == "splice-attention" else "bm25"
-        text, blocks = ask_spliced(lm, question, memory, choice, config, max_new_tokens, port)
+        text, blocks = ask_spliced(lm, question, memory, choice, config, max_new_tokens, port, mode == "recompute")
         shares = Counter()
         for entry in blocks:
             shares[entry.source] += len(entry.text) or 1

@@ -349,7 +349,7 @@ def test_default_top_k_is_capped_at_a_small_memory(capsys, fake_lm, tmp_path, te
     assert seen["config"].top_k == len("A frog in a well.") - 4  # all 13 memories, not 16
 
 
-@pytest.mark.parametrize("mode", ["splice", "splice-attention", "import"])
+@pytest.mark.parametrize("mode", ["splice", "splice-attention", "recompute", "import"])
 @pytest.mark.parametrize("n", ["-5", "0"])
 def test_max_new_tokens_below_one_is_refused(capsys, fake_lm, tiny_memory, mode, n):
     rc, _, err = cli(capsys, "ask", "Who?", "--memory", tiny_memory, "--model", "tiny", "--mode", mode,
@@ -358,7 +358,7 @@ def test_max_new_tokens_below_one_is_refused(capsys, fake_lm, tiny_memory, mode,
     assert fake_lm.calls == 0
 
 
-@pytest.mark.parametrize("mode", ["splice", "splice-attention", "import"])
+@pytest.mark.parametrize("mode", ["splice", "splice-attention", "recompute", "import"])
 def test_empty_memory_is_refused(capsys, fake_lm, tmp_path, mode):
     from kvmap.stores import Memory
 
@@ -368,7 +368,7 @@ def test_empty_memory_is_refused(capsys, fake_lm, tmp_path, mode):
     assert fake_lm.calls == 0
 
 
-@pytest.mark.parametrize("mode", ["splice", "splice-attention", "import"])
+@pytest.mark.parametrize("mode", ["splice", "splice-attention", "recompute", "import"])
 def test_memory_of_another_layout_is_refused_in_every_mode(capsys, fake_lm, tmp_path, mode):
     from kvmap.ports import KVLayout
     from kvmap.stores import Memory

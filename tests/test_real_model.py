@@ -62,6 +62,32 @@ def test_generate_with_memory_greedy_and_sampling(lm, tmp_path):
     assert n == 6 and trace.hits
 
 
+def test_recompute_reads_the_spliced_blocks_again_as_tokens(lm, tmp_path):
+    """``--mode recompute``: the blocks ``splice`` would splice, read as tokens in the prompt instead (the answer is
+    greedy decoding of exactly that prompt), listed as the same memories."""
+    from kvmap.answer import ask, context_prompt
+    from kvmap.decoding import greedy
+    from kvmap.models.llama import LlamaMemoryPort
+    from kvmap.presets import preset
+    from kvmap.reader import read_into
+    from kvmap.splice import bm25_block_ids, block_tokens
+    from kvmap.stores import Memory
+
+    port = LlamaMemoryPort(lm.model, lm.model_id)
+    memory = Memory.create(tmp_path / "m", lm.model_id, port.layout)
+    read_into(port, lm.tokenizer, memory, "frog-king", [grimm_tales()[0]["text"][:3000]], progress=False)
+    question = "What fell into the well?"
+    spliced = ask(lm, question, memory, max_new_tokens=10, port=port)
+    reread = ask(lm, question, memory, max_new_tokens=10, port=port, mode="recompute")
+    config = preset("splice")
+    blocks = bm25_block_ids(memory, question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours)
+    ids = block_tokens(blocks, config.blocks.size, memory.n_tokens)
+    before, after = context_prompt(lm.tokenizer, question)
+    tokens = memory.token_ids()[ids.numpy()].tolist()
+    assert reread.text == greedy(lm.model, lm.tokenizer, before + tokens + after, 10).text.strip()
+    assert [m.offset for m in reread.memories] == [m.offset for m in spliced.memories]
+
+
 def test_import_bm25_imports_only_from_the_blocks_bm25_chose(lm, tmp_path):
     """``--mode import-bm25``: the question's queries search only the BM25-chosen blocks, so every memory the
     answer lists comes from them, here the planted note, none from the tale read after it."""

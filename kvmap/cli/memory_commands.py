@@ -10,7 +10,7 @@ from kvmap.cli.options import (BLOCK_FLAGS, REUSE_FLAGS, TOKEN_FLAGS, add_block_
 from kvmap.errors import InputError, KVMapError
 from kvmap.fileio import disk_usage
 
-ASK_MODES = ("splice", "splice-attention", "import", "import-bm25")
+ASK_MODES = ("splice", "splice-attention", "recompute", "import", "import-bm25")
 """Kept equal to :data:`kvmap.answer.ASK_MODES` (a test checks), so ``kvmap --help`` needs no torch import."""
 
 
@@ -126,7 +126,8 @@ def add_remember(sub) -> None:
 
 # -- ask -----------------------------------------------------------------------------------------
 
-SPLICE_ALLOWS = {"splice": tuple(BLOCK_FLAGS), "splice-attention": (*BLOCK_FLAGS, "layers")}
+SPLICE_ALLOWS = {"splice": tuple(BLOCK_FLAGS), "splice-attention": (*BLOCK_FLAGS, "layers"),
+                 "recompute": tuple(BLOCK_FLAGS)}
 """Import options that also apply in the splice modes (the others would be ignored there, so they are refused)."""
 
 
@@ -232,6 +233,8 @@ def add_ask(sub) -> None:
                    help="splice (default): the memory blocks BM25 ranks best for the question (preset 'splice'), "
                         "their stored K/V spliced into the prompt (--block-size, --n-blocks apply); "
                         "splice-attention: the question's queries pick the blocks (--layers applies too); "
+                        "recompute: splice's blocks read again as tokens, their K/V computed anew next to the "
+                        "question instead of spliced as stored (--block-size, --n-blocks apply); "
                         "import: every query's top-k memory tokens join attention (the seed's method; the "
                         "import options apply); import-bm25: the same among the tokens of the 2 overlapping "
                         "64-token blocks BM25 ranks best for the question, placed 256 positions back "

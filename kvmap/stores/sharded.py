@@ -137,6 +137,9 @@ class ShardedMemory:
     def token_texts(self) -> list[str]:
         return self.local.token_texts()
 
+    def token_ids(self):
+        return self.local.token_ids()
+
     def sources(self) -> list[dict]:
         return self.local.sources()
 
