@@ -106,6 +106,7 @@ bench-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval niah --variant multikey --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap:local=4096:bm25_blocks=2:bm25_stride=32:distance=256,kvmap:local=4096:bm25_blocks=2:bm25_stride=32:tail_in_memory=1,kvmap:local=4096:bm25_blocks=1:bm25_stride=32,$(BM25_IMPORT_METHOD),kvmap-splice-bm25:bm25_stride=32 --out runs/niah-multikey
 	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods $(BM25_IMPORT_METHOD) --out runs/niah-single
 	$(BIN)/kvmap eval passkey --lengths 16k --limit 20 --methods $(BM25_IMPORT_METHOD) --out runs/passkey-16k
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25:recompute=1,kvmap-splice-bm25:recompute=1:local=0 --out runs/fairytaleqa-16k
 	$(BIN)/python benchmarks/adapter_side_effects.py --adapter $(V2)
 	$(MAKE) report
 
@@ -120,6 +121,9 @@ bench-test-choices: $(STAMP)
 	$(BIN)/kvmap eval niah --part test --variant multikey --max-new-tokens 40 --lengths 16k --limit 10 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,rag-bm25,truncate,kvmap:local=4096,$(BM25_IMPORT_METHOD) --out runs/grid/niah-multikey
 	for q in 1 2; do $(BIN)/kvmap eval babi --part test --qa $$q --lengths 16k --limit 10 --methods oracle,truncate,rag-bm25,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/grid/babi-qa$$q; done
 	$(BIN)/kvmap eval fairytaleqa --part test --per-story 4 --lengths 4k,16k --limit 52 --methods kvmap-splice-bm25 --out runs/grid/fairytaleqa
+	$(BIN)/kvmap eval passkey --part test --lengths 16k --limit 20 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey-16k
+	$(NIAH_TEST) --lengths 4k --limit 50 --methods $(BM25_IMPORT_METHOD),kvmap-splice-bm25 --out runs/grid/niah-single-4k
+	$(BIN)/kvmap eval passkey --part test --lengths 64k --limit 10 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey-64k
 	$(MAKE) report
 
 bench-bridges: $(STAMP) $(LIMB_CKPT)
