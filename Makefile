@@ -121,9 +121,9 @@ bench-test-choices: $(STAMP)
 	$(BIN)/kvmap eval niah --part test --variant multikey --max-new-tokens 40 --lengths 16k --limit 10 --methods kvmap:local=4096:bm25_blocks=8:bm25_stride=32,rag-bm25,truncate,kvmap:local=4096,$(BM25_IMPORT_METHOD) --out runs/grid/niah-multikey
 	for q in 1 2; do $(BIN)/kvmap eval babi --part test --qa $$q --lengths 16k --limit 10 --methods oracle,truncate,rag-bm25,kvmap:local=4096:bm25_blocks=8:bm25_stride=32 --out runs/grid/babi-qa$$q; done
 	$(BIN)/kvmap eval fairytaleqa --part test --per-story 4 --lengths 4k,16k --limit 52 --methods kvmap-splice-bm25 --out runs/grid/fairytaleqa
-	$(BIN)/kvmap eval passkey --part test --lengths 16k --limit 20 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey-16k
+	$(BIN)/kvmap eval passkey --part test --lengths 16k --limit 20 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey
 	$(NIAH_TEST) --lengths 4k --limit 50 --methods $(BM25_IMPORT_METHOD),kvmap-splice-bm25 --out runs/grid/niah-single-4k
-	$(BIN)/kvmap eval passkey --part test --lengths 64k --limit 10 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey-64k
+	$(BIN)/kvmap eval passkey --part test --lengths 64k --limit 10 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey
 	$(MAKE) report
 
 bench-bridges: $(STAMP) $(LIMB_CKPT)
