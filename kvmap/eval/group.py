@@ -316,7 +316,6 @@ class GroupRunner:
         blocks are read again as tokens instead of spliced as stored K/V (see :meth:`_spliced_answer`)."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
-
         blocks = config.blocks
         memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context

@@ -30,16 +30,20 @@ def token_texts(segments: Sequence[Segment]) -> list[str]:
     return [text for seg in segments for text in seg.texts()]
 
 
+def _token_column(segments: Sequence[Segment], column: str) -> np.ndarray:
+    """(n_tokens,) int64: one column of the segments' tokens.npz, in id (reading) order."""
+    parts = [seg.tokens()[column] for seg in segments]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def token_ids(segments: Sequence[Segment]) -> np.ndarray:
     """(n_tokens,) int64: every memory token's vocabulary id, in id (reading) order."""
-    parts = [seg.tokens()["token_ids"] for seg in segments]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return _token_column(segments, "token_ids")
 
 
 def token_offsets(segments: Sequence[Segment]) -> np.ndarray:
     """(n_tokens,) int64: every memory token's offset in its document, in id order."""
-    parts = [seg.tokens()["offsets"] for seg in segments]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return _token_column(segments, "offsets")
 
 
 def offsets_of(offsets: np.ndarray, ids: np.ndarray) -> torch.Tensor:
