@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from recall_real_kv import questions  # noqa: E402
 
-import kvmap.models.llama as llama  # noqa: E402
+import kvmap.models.attend as attend  # noqa: E402
 from kvmap.fileio import write_json_atomic  # noqa: E402
 from kvmap.models.loading import load_model  # noqa: E402
 from kvmap.ports import ImportConfig, format_layers, parse_layers  # noqa: E402
@@ -52,7 +52,7 @@ def record_searches(lm, memory, layers: list[int], prompts: list[list[int]], bud
     Returns (one dict per search: setting, layer, prompt or decode, queries, ids, candidates; per setting
     the median prompt-forward seconds and the total)."""
     calls: list[dict] = []
-    real_retrieve = llama._retrieve
+    real_retrieve = attend._retrieve
     setting = None
 
     def recording_retrieve(state, layer, queries, t):
@@ -64,8 +64,8 @@ def record_searches(lm, memory, layers: list[int], prompts: list[list[int]], bud
                           "candidates": (state.candidates[layer][0] >= 0).sum(1).float().mean().item()})
         return out
 
-    llama._retrieve = recording_retrieve
-    llama.FAST_DECODE = False  # decode steps through _retrieve, so they are recorded (same results: a test)
+    attend._retrieve = recording_retrieve
+    attend.FAST_DECODE = False  # decode steps through _retrieve, so they are recorded (same results: a test)
     seconds = {}
     try:
         for setting in budgets:
@@ -77,7 +77,7 @@ def record_searches(lm, memory, layers: list[int], prompts: list[list[int]], bud
             print(f"{setting}: {sum(c['budget'] == setting for c in calls)} searches recorded, "
                   f"prompt forward {seconds[setting]['prompt_s']:.1f}s", flush=True)
     finally:
-        llama._retrieve = real_retrieve
+        attend._retrieve = real_retrieve
     return calls, seconds
 
 

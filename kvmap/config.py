@@ -76,11 +76,16 @@ class RetrievalReuse:
     """Tokens per block for ``blocks``."""
     select_last: int = 0
     """Only the queries of the prompt's last ``select_last`` tokens choose the candidates; 0: all."""
+    probe: int = 0
+    """0: exact candidates read every key. > 0: in segments with a query-aware cluster index
+    (:mod:`kvmap.stores.clusters`), only the keys of each choosing query's ``probe`` best clusters are
+    read and scored exactly (``reuse_probe=``): the prompt's search no longer reads the whole memory."""
 
     def __post_init__(self) -> None:
         _at_least("reuse", self.candidates, 1)
         for name, value in (("reuse_next", self.next), ("reuse_next_best", self.next_best),
-                            ("reuse_blocks", self.blocks), ("select_last", self.select_last)):
+                            ("reuse_blocks", self.blocks), ("select_last", self.select_last),
+                            ("reuse_probe", self.probe)):
             _at_least(name, value, 0)
         _at_least("reuse_block_size", self.block_size, 1)
 
@@ -89,7 +94,7 @@ _TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "m
 _BLOCK_OPTIONS = {"block_size": "size", "n_blocks": "n_blocks", "neighbours": "neighbours",
                   "fixed_blocks": "fixed"}
 _REUSE_OPTIONS = {"reuse": "candidates", "reuse_next": "next", "reuse_next_best": "next_best",
-                  "reuse_blocks": "blocks", "reuse_block_size": "block_size"}
+                  "reuse_blocks": "blocks", "reuse_block_size": "block_size", "reuse_probe": "probe"}
 OPTION_NAMES = (*_TOKEN_OPTIONS, *_BLOCK_OPTIONS, "select_last", *_REUSE_OPTIONS)
 """The flat option names of :meth:`ImportConfig.from_options` (method strings ``kvmap:KEY=VALUE``, run files)."""
 
@@ -196,9 +201,12 @@ class ImportConfig:
         block_defaults = {"n_blocks": 8, "neighbours": 0, "fixed": None}
         if not use_blocks and any(block.get(k, v) != v for k, v in block_defaults.items()):
             raise InputError("n_blocks, neighbours and fixed_blocks need block retrieval; set block_size too")
-        reuse_defaults = {"next": 0, "next_best": 0, "blocks": 0, "block_size": 32}
+        reuse_defaults = {"next": 0, "next_best": 0, "blocks": 0, "block_size": 32, "probe": 0}
         if not use_reuse and any(reuse.get(k, v) != v for k, v in reuse_defaults.items()):
-            raise InputError("reuse_next, reuse_next_best and reuse_blocks need retrieval reuse; set reuse too")
+            raise InputError("reuse_next, reuse_next_best, reuse_blocks and reuse_probe need retrieval reuse; "
+                             "set reuse too")
+        if reuse.get("blocks") and reuse.get("probe"):
+            raise InputError("reuse_blocks and reuse_probe are two ways to pick candidates; set one of them")
         if select_last and not (use_blocks or use_reuse):
             raise InputError("select_last needs block retrieval or retrieval reuse; set block_size or reuse too")
         block.pop("size", None)
@@ -214,7 +222,7 @@ class ImportConfig:
 
     def options(self) -> dict:
         """The flat options this config stands for (every name of :data:`OPTION_NAMES`, 0 where a mode is off;
-        ``memory_cap`` and ``heads`` only when set, so that configs written before they existed still compare equal)."""
+        ``memory_cap``, ``heads`` and ``reuse_probe`` only when set, so that configs written before they existed still compare equal)."""
         blocks, reuse = self.blocks, self.reuse
         return {
             "top_k": self.top_k, "distance": self.distance, "layers": self.layers, "placement": self.placement,
@@ -226,6 +234,7 @@ class ImportConfig:
             "reuse_next_best": reuse.next_best if reuse else 0, "reuse_blocks": reuse.blocks if reuse else 0,
             "reuse_block_size": reuse.block_size if reuse else 32, "search_chunk": self.search_chunk,
         } | ({"memory_cap": self.memory_cap} if self.memory_cap != 100 else {}) \
+            | ({"reuse_probe": reuse.probe} if reuse and reuse.probe else {}) \
             | ({"adapter": False} if not self.adapter else {}) \
             | ({"heads": self.heads} if self.heads is not None else {})  # run files before them lack both
 

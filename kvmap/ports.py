@@ -17,12 +17,15 @@ import contextlib
 import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from kvmap.config import (  # noqa: F401  (re-exported: the import settings ports take)
     OPTION_NAMES, BlockRetrieval, ImportConfig, RetrievalReuse, format_layers, parse_layers)
+
+if TYPE_CHECKING:
+    from kvmap.stores.clusters import Probe
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,18 @@ class MemoryEntry:
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``recorder(layer, keys, values)`` with pre-RoPE keys and values of the new tokens,
 each of shape (B, n_kv_heads, T, head_dim)."""
+
+
+@runtime_checkable
+class QueryRecorder(Protocol):
+    """A recorder that also takes each layer's pre-RoPE queries: the sample a memory's query-aware cluster
+    index is built from (:mod:`kvmap.stores.clusters`). Causal LM ports call ``record_queries`` after the
+    K/V call; ports without queries to give (ViT) never do."""
+
+    def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+
+    def record_queries(self, layer: int, queries: torch.Tensor) -> None:
+        """queries: (B, n_query_heads, T, head_dim), pre-RoPE (after a q-norm, where the model has one)."""
 
 
 @contextlib.contextmanager
@@ -103,8 +118,11 @@ class MemoryView(Protocol):
         """Top-k by inner product with the store's own index: queries (H, M, d) -> scores, ids (H, M, k');
         k' = min(k, n_tokens) or k with ``-inf`` / ``-1`` padding."""
 
-    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k, reading every key once (retrieval reuse's candidates); same shapes as :meth:`search`."""
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int,
+                        probe: Probe | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k, reading every key once (retrieval reuse's candidates); same shapes as :meth:`search`.
+        ``probe``: a file-backed memory may read only the best clusters of its query-aware index instead
+        (:mod:`kvmap.stores.clusters`); a memory without one searches exactly."""
 
     def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (ids.shape + (d,)) of ids (H, ...) (``-1``: zeros). ``release``: a file-backed

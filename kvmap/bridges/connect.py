@@ -85,8 +85,8 @@ class BridgedMemory:
     def search(self, layer: int, queries: torch.Tensor, k: int):
         return self._memory().search(layer, queries, k)
 
-    def search_streamed(self, layer: int, queries: torch.Tensor, k: int):
-        return self._memory().search_streamed(layer, queries, k)
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int, probe=None):
+        return self._memory().search_streamed(layer, queries, k, probe=probe)
 
     def fetch(self, layer: int, ids: torch.Tensor, release: bool = False):
         return self._memory().fetch(layer, ids, release)

@@ -276,7 +276,33 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    import time
+
+    from kvmap.reader import sample_query_moments
+    from kvmap.stores import Memory
+    from kvmap.stores.clusters import Probe
+
+    at_least("--distance", args.distance, 1)
+    memory = Memory.open(checks.memory_folder(args.memory, create=False), verify=False)
+    lm = load(model_for_memory(memory, args.model))
+    lm.port.check_memory(memory)
+    began = time.perf_counter()
+    indexed = memory.query_index(Probe(clusters=1, distance=args.distance),
+                                 moments=lambda ids: sample_query_moments(lm.port, ids))
+    print(f"memory {memory.path}: {indexed} of {memory.n_segments} segment(s) indexed for distance "
+          f"{args.distance} in {time.perf_counter() - began:.1f}s; search them with --reuse-probe N")
+    return 0
+
+
 def add_forget_info(sub) -> None:
+    x = sub.add_parser("index", help="build a memory's query-aware cluster index now (remember builds it for the "
+                                     "default distance; this one also indexes memories remembered without it)")
+    x.add_argument("--memory", required=True)
+    x.add_argument("--model", help="the model that made the memory (default: the built-in that did)")
+    x.add_argument("--distance", type=int, default=4096, help="import distance the index serves (default 4096)")
+    x.set_defaults(func=cmd_index)
+
     f = sub.add_parser("forget", help="remove one source from a memory")
     f.add_argument("source")
     f.add_argument("--memory", required=True)

@@ -82,7 +82,8 @@ def at_least(flag: str, value: int | None, low: int) -> None:
 # -- import options (ImportConfig and its retrieval modes) -------------------------------------------
 
 TOKEN_FLAGS = {"top_k": "--top-k", "distance": "--distance", "placement": "--placement", "layers": "--layers"}
-REUSE_FLAGS = {"reuse": "--reuse", "reuse_next": "--reuse-next", "reuse_next_best": "--reuse-next-best"}
+REUSE_FLAGS = {"reuse": "--reuse", "reuse_next": "--reuse-next", "reuse_next_best": "--reuse-next-best",
+               "reuse_probe": "--reuse-probe"}
 BLOCK_FLAGS = {"block_size": "--block-size", "n_blocks": "--n-blocks"}
 """Flat option name (:data:`kvmap.ports.OPTION_NAMES`) -> CLI flag."""
 
@@ -110,6 +111,8 @@ def add_import_options(parser, defaults: dict | None = None, reuse: bool = True)
     add_field_option(parser, "--reuse-next", RetrievalReuse, "next", type=int, show_default=shown["reuse_next"])
     add_field_option(parser, "--reuse-next-best", RetrievalReuse, "next_best", type=int,
                      show_default=shown["reuse_next_best"])
+    add_field_option(parser, "--reuse-probe", RetrievalReuse, "probe", type=int,
+                     show_default=shown.get("reuse_probe", 0), extra="`kvmap index` builds the index.")
 
 
 def add_block_options(parser, defaults: dict) -> None:

@@ -34,6 +34,7 @@ from kvmap.config import ImportConfig
 from kvmap.models import kernel, levers
 from kvmap.ports import PortState
 from kvmap.rope import cos_sin, rotate
+from kvmap.stores.clusters import Probe
 
 
 @dataclass
@@ -301,6 +302,10 @@ def _retrieve(state: RetrievalState, layer: int, queries: torch.Tensor,
             lo, hi, starts, lengths = memory.block_bounds(layer, reuse.block_size)
             blocks = candidates.candidate_blocks(choosing, lo, hi, reuse.blocks, cfg.search_chunk)
             cand = candidates.block_token_ids(blocks, starts, lengths, reuse.block_size)
+        elif reuse.probe > 0:
+            probe = Probe(clusters=reuse.probe, distance=cfg.distance)
+            found = memory.search_streamed(layer, choosing, reuse.candidates, probe=probe)[1]
+            cand = candidates.union_ids(found, reuse.next, memory.n_tokens, reuse.next_best)
         else:
             found = memory.search_streamed(layer, choosing, reuse.candidates)[1]
             cand = candidates.union_ids(found, reuse.next, memory.n_tokens, reuse.next_best)

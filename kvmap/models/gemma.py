@@ -84,7 +84,7 @@ class _WindowedMemory:
         raise KVMapError(f"{what} on a sliding-window layer with true placement cannot honour the window; "
                          "use placement ordered or fixed, or token retrieval")
 
-    def search_streamed(self, layer: int, queries: torch.Tensor, k: int):
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int, probe=None):
         self._refuse("retrieval reuse")
 
     def block_means(self, layer: int, block_size: int):

@@ -22,7 +22,8 @@ from kvmap.errors import KVMapError
 from kvmap.models import attend as memory_attention
 from kvmap.models.adapter import adapter_active
 from kvmap.models.attend import RetrievalState
-from kvmap.ports import CausalLMPort, ImportConfig, ImportTrace, KVLayout, Recorder, attached_forwards
+from kvmap.ports import (CausalLMPort, ImportConfig, ImportTrace, KVLayout, QueryRecorder, Recorder,
+                         attached_forwards)
 from kvmap.rope import cos_sin, rotate
 
 SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -48,6 +49,8 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
 
     if state.recorder is not None:
         state.recorder(self.layer_idx, k, v)
+        if isinstance(state.recorder, QueryRecorder):
+            state.recorder.record_queries(self.layer_idx, q)
 
     cos, sin = position_embeddings  # (B, T, d)
     q_rot, k_rot = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])

@@ -29,7 +29,7 @@ import torch
 from kvmap.errors import InputError, MemoryFormatError
 from kvmap.fileio import write_json_atomic
 from kvmap.ports import KVLayout, MemoryEntry
-from kvmap.stores import provenance, scan
+from kvmap.stores import clusters, provenance, scan
 from kvmap.stores.base import STORE_KINDS, KVIndex, canonical_kind, make_index
 from kvmap.stores.folder import (  # noqa: F401  (re-exported: the format's names)
     DTYPES, FORMAT_VERSION, LOCK, MANIFEST, SEGMENTS, TMP_PREFIX, check_expected, check_folder, create_folder,
@@ -282,21 +282,34 @@ class Memory:
         return scores.to(device), ids.to(device)
 
     def search_streamed(self, layer: int, queries: torch.Tensor, k: int, chunk: int = 1 << 15,
-                        segments: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        segments: Sequence[int] | None = None,
+                        probe: clusters.Probe | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k like :meth:`search`, reading every key of ``layer`` once, a chunk at a time.
 
         Needs no index and only a chunk's keys in RAM, whatever the memory's size (plain reads, not
         the memory-map, so the keys do not stay resident). For a memory larger than RAM.
-        ``segments`` as in :meth:`search` (a sharded memory streams each shard's own). Returns
-        (H, M, k') scores and global ids, k' = min(k, tokens in the searched segments).
+        ``segments`` as in :meth:`search` (a sharded memory streams each shard's own). ``probe``: in the
+        segments that have query moments, read only the keys of each query's ``probe.clusters`` best
+        clusters (:mod:`kvmap.stores.clusters`; exact scores, approximate top-k); the others are streamed.
+        Returns (H, M, k') scores and global ids, k' = min(k, tokens in the searched segments).
         """
         q, device = self._queries(layer, queries), queries.device
         chosen = self._chosen(segments)
         if chunk < 1:
             raise InputError(f"chunk must be at least 1, got {chunk}")
         k = max(0, min(int(k), sum(self._segments[s].n_tokens for s in chosen)))
-        segs = [self._segments[s] for s in chosen]
-        scores, ids = scan.stream_topk(segs, [int(self._bases[s]) for s in chosen], layer, q, k, chunk)
+        indexed = [(s, self._segments[s].clusters(probe)) for s in chosen] if probe is not None and k else []
+        indexed = [(s, found[layer]) for s, found in indexed if found is not None]
+        streamed = [s for s in chosen if s not in {i for i, _ in indexed}]
+        scores, ids = scan.stream_topk([self._segments[s] for s in streamed], [int(self._bases[s]) for s in streamed],
+                                       layer, q, k, chunk)
+        if indexed:
+            centroids = torch.from_numpy(np.concatenate([lc.centroids for _, lc in indexed], axis=1))  # (H, C, d)
+            found_s, found_i = clusters.probe_search(
+                q, centroids, [(int(self._bases[s]), lc) for s, lc in indexed],
+                lambda i: self._segments[indexed[i][0]].keys(layer), probe.clusters, k)
+            scores, pick = torch.cat([scores, found_s], dim=-1).topk(k, dim=-1)
+            ids = torch.cat([ids, found_i], dim=-1).gather(-1, pick)
         return scores.to(device), ids.to(device)
 
     def _exact_index(self, layer: int, chosen: tuple[int, ...]) -> KVIndex:
@@ -352,6 +365,26 @@ class Memory:
         """(n_tokens,) int64: the vocabulary id of every memory token, in id order (what re-reading a block
         feeds the model: the tokens themselves, not their stored K/V)."""
         return provenance.token_ids(self._segments)
+
+    def query_index(self, probe: clusters.Probe, moments=None) -> int:
+        """Build (or load) every segment's query-aware cluster index for ``probe`` now, not at the first search;
+        the number of segments that have one.
+
+        ``moments(token_ids) -> (moment, count, omega) | None`` samples the model's queries
+        (:func:`kvmap.reader.sample_query_moments`) for segments remembered without them,
+        from their own stored tokens."""
+        indexed = 0
+        for seg in self._segments:
+            shape = (self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim)
+            if moments is not None and clusters.load_moments(seg.folder, *shape) is None:
+                sampled = moments(seg.tokens()["token_ids"].tolist())
+                if sampled is not None:
+                    try:
+                        clusters.save_moments(seg.folder, *sampled)
+                    except OSError as err:
+                        raise write_error(self.path, err, "index") from None
+            indexed += seg.clusters(probe) is not None
+        return indexed
 
     def block_means(self, layer: int, block_size: int) -> torch.Tensor:
         """Mean key of each block of ``block_size`` consecutive memory ids (the last may be shorter).

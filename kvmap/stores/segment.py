@@ -52,6 +52,7 @@ class Segment:
         self._tokens: dict[str, np.ndarray] | None = None
         self._texts: list[str] | None = None
         self.indexes: dict[int, KVIndex] = {}
+        self._clusters: dict = {}  # (distance, cluster size) -> per-layer clusters, or None (no query moments)
 
     def _damaged(self, name: str, err: object) -> MemoryFormatError:
         msg = " ".join(str(err).split())[:200]
@@ -150,6 +151,26 @@ class Segment:
         with contextlib.suppress(OSError):  # a read-only memory just keeps them in RAM
             write_bytes_atomic(file, buf.getvalue())  # replaces a symlink itself, never its target
         return both[0], both[1]
+
+    def clusters(self, probe) -> list | None:
+        """This segment's query-aware clusters for ``probe`` (:mod:`kvmap.stores.clusters`), one per layer:
+        loaded, or built and saved on first use (when the segment has query moments); None without moments.
+
+        Derived data beside the segment, like the block bounds: a missing, damaged or stale file is built again;
+        a read-only memory keeps what it built in RAM."""
+        from kvmap.stores import clusters
+
+        spec = (probe.distance, probe.cluster_size)
+        if spec not in self._clusters:
+            shape = (self.n_tokens, self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim)
+            found = clusters.load(self.folder, *spec, *shape)
+            if found is None:
+                found = clusters.build(self.folder, self.keys, *spec, *shape)
+                if found is not None:
+                    with contextlib.suppress(OSError):  # a read-only memory keeps them in RAM
+                        clusters.save(self.folder, *spec, found, self.n_tokens)
+            self._clusters[spec] = found
+        return self._clusters[spec]
 
     def index(self, layer: int, kind: str, params: dict) -> KVIndex:
         """This segment's index for ``layer``, loaded on first use."""

@@ -44,8 +44,9 @@ class _Shard:
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.memory.search(layer, queries, k, segments=self.segments)
 
-    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.memory.search_streamed(layer, queries, k, segments=self.segments)
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int,
+                        probe=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.memory.search_streamed(layer, queries, k, segments=self.segments, probe=probe)
 
 
 class ShardedMemory:
@@ -107,17 +108,19 @@ class ShardedMemory:
         """Top-k over all shards: each shard's top-k, merged. Same contract as ``Memory.search``."""
         return self._merged("search", layer, queries, k)
 
-    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k over all shards, each streaming its own segments' keys. Same contract as
-        ``Memory.search_streamed``; the candidates retrieval reuse picks are the single process's."""
-        return self._merged("search_streamed", layer, queries, k)
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int,
+                        probe=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k over all shards, each streaming its own segments' keys (or probing their clusters).
+        Same contract as ``Memory.search_streamed``; the candidates retrieval reuse picks are the single process's."""
+        return self._merged("search_streamed", layer, queries, k, probe)
 
-    def _merged(self, method: str, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merged(self, method: str, layer: int, queries: torch.Tensor, k: int,
+                *extra) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.shards:
             raise InputError("this sharded memory was closed; open a new ShardedMemory")
         device = queries.device
         q = queries.detach().to("cpu", torch.float32).contiguous()
-        parts = self._ray.get([getattr(shard, method).remote(layer, q, k) for shard in self.shards])
+        parts = self._ray.get([getattr(shard, method).remote(layer, q, k, *extra) for shard in self.shards])
         scores = torch.cat([s for s, _ in parts], dim=-1)  # (H, M, k' * n_shards)
         ids = torch.cat([i for _, i in parts], dim=-1)
         if len(parts) > 1:

@@ -89,8 +89,9 @@ class TensorMemory:
         scores = torch.einsum("hqd,hmd->hqm", queries.detach().float(), keys.detach().float())
         return scores.topk(min(k, keys.shape[1]), dim=-1)
 
-    def search_streamed(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same exact search (the entries are in RAM already)."""
+    def search_streamed(self, layer: int, queries: torch.Tensor, k: int,
+                        probe=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same exact search (the entries are in RAM already; there is no cluster index to ``probe``)."""
         return self.search(layer, queries, k)
 
     def fetch(self, layer: int, ids: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

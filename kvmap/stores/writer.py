@@ -49,6 +49,7 @@ class SegmentWriter:
         self._doc_ids: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         self._texts: list[str] = []
+        self._query_moments: tuple | None = None
         try:
             self.folder.mkdir(parents=True)
             for layer in range(self.layout.n_layers):
@@ -97,6 +98,14 @@ class SegmentWriter:
         self._offsets.append(cols[2].astype(np.int64))
         self._texts.extend(str(t) for t in texts)
         self.n_tokens += n
+
+    def set_query_moments(self, moment: np.ndarray, count: int, omega: np.ndarray) -> None:
+        """The model's query statistics for this segment (:func:`kvmap.reader.sample_query_moments`): saved with
+        it, and its query-aware cluster index built from them at commit (:mod:`kvmap.stores.clusters`)."""
+        L, H, d = self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim
+        if moment.shape != (L, H, d, d) or omega.shape != (L, d) or not np.isfinite(moment).all():
+            raise InputError(f"query moments must be finite, of shape ({L}, {H}, {d}, {d}) with angles ({L}, {d})")
+        self._query_moments = (moment, int(count), omega)
 
     def _blocks(self, k: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
         """Token-major blocks (n, H, d) in the memory's dtype, by file name; refuses non-finite ones."""
@@ -151,6 +160,7 @@ class SegmentWriter:
         np.savez(buf, token_ids=np.concatenate(self._token_ids), doc_ids=doc_ids, offsets=np.concatenate(self._offsets))
         write_bytes_atomic(folder / "tokens.npz", buf.getvalue())
         write_bytes_atomic(folder / "texts.json", json.dumps(self._texts, ensure_ascii=False).encode("utf-8"))
+        self._build_clusters()
         for name in ["tokens.npz", "texts.json", *self._build_indexes()]:
             files[name] = {"size": (folder / name).stat().st_size, "sha256": file_digest(folder / name)[0]}
         mem = self.memory
@@ -167,6 +177,23 @@ class SegmentWriter:
         fsync_dir(final.parent)
         return {"name": self.name, "source": self.source, "n_tokens": self.n_tokens, "n_docs": meta["n_docs"],
                 "meta_sha256": hashlib.sha256(meta_bytes).hexdigest()}
+
+    def _build_clusters(self) -> None:
+        """Save the query moments and build the cluster index for the default import distance (derived data:
+        other distances are built on first use)."""
+        if self._query_moments is None:
+            return
+        from kvmap.config import ImportConfig
+        from kvmap.stores import clusters
+
+        clusters.save_moments(self.folder, *self._query_moments)
+        L, H, d = self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim
+
+        def keys(layer: int) -> np.ndarray:
+            return np.memmap(self.folder / f"k{layer:02d}.bin", dtype=self.dtype, mode="r", shape=(self.n_tokens, H, d))
+
+        spec = (ImportConfig().distance, clusters.CLUSTER_SIZE)
+        clusters.save(self.folder, *spec, clusters.build(self.folder, keys, *spec, self.n_tokens, L, H, d), self.n_tokens)
 
     def _build_indexes(self) -> list[str]:
         """Build and save every layer's index (persistent store kinds); the files written, fsynced."""
