@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean-venv bench bench-dev bench-full bench-bridges bench-scale report finetune finetune-v2 bench-adapter-dev bench-test-choices
+.PHONY: demo test venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 bench-adapter-dev bench-test-choices
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -158,6 +158,19 @@ bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/sharded_latency.py
 	$(BIN)/python benchmarks/decode_overhead.py
 	$(BIN)/python benchmarks/layer_subsets.py
+	$(MAKE) report
+
+# The query-aware cluster index (issue 17) on the 1.03M-token tales memory: build it (remember samples
+# the queries and clusters each segment), then passkey and NIAH with --reuse-probe 32, recall against exact
+# search, and the exact path's time to first token beside it. About 80 min on this CPU, 45 of them the build.
+bench-index: $(STAMP)
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --build-only --quiet
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 20 --reuse-probe 32 --out runs/scale/tales-1m-probe32 --quiet
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 20 --task niah-single --part test --reuse-probe 32 \
+	  --out runs/scale/tales-1m-probe32 --quiet
+	$(BIN)/python benchmarks/recall_reuse.py --memory $(SCALE_DIR)/tales-1m --questions 6 --out runs/scale/recall_probe_1m.json \
+	  --settings reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=32,reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=64
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 3 --out runs/scale/tales-1m-exact --quiet
 	$(MAKE) report
 
 bench-full: $(STAMP)

@@ -113,13 +113,13 @@ def summarize(rows: list[dict], calls: list[dict], seconds: dict, budgets: list[
         r = [(x["recall"], x["n_queries"]) for x in rows if x["budget"] == budget and (first is None or x["first"] == first)]
         return sum(a * n for a, n in r) / sum(n for _, n in r)
 
-    def decode_by_layer(budget: str) -> dict[int, float]:
+    def by_layer(budget: str, first: bool) -> dict[int, float]:
         return {layer: statistics.mean(x["recall"] for x in rows if x["budget"] == budget and x["layer"] == layer
-                                       and not x["first"]) for layer in layers}
+                                       and x["first"] == first) for layer in layers}
 
     return {b: {"prompt": mean(b, True), "decode": mean(b, False), "all": mean(b, None), **seconds[b],
                 "candidates_per_head": statistics.median(c["candidates"] for c in calls if c["budget"] == b),
-                "decode_by_layer": decode_by_layer(b)}
+                "decode_by_layer": by_layer(b, False), "prompt_by_layer": by_layer(b, True)}
             for b in budgets}
 
 
@@ -150,7 +150,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"model": lm.model_id, "n_tokens": memory.n_tokens,
                                                                      "layers": format_layers(tuple(layers))}
     write_json_atomic(out, {"settings": settings, "recall": summary, "rows": per_layer(rows)}, indent=1)
-    print(json.dumps({b: {k: v for k, v in x.items() if k != "decode_by_layer"} for b, x in summary.items()}, indent=1))
+    print(json.dumps({b: {k: v for k, v in x.items() if not k.endswith("_by_layer")} for b, x in summary.items()}, indent=1))
 
 
 if __name__ == "__main__":

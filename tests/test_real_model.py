@@ -186,3 +186,27 @@ def test_scale_passkey_builds_resumably_and_leaves_the_haystack_as_it_was(lm, tm
     assert niah["task"] == "niah-single-scale" and niah["part"] == "test" and niah["trials"] == 1
     assert niah["examples"][0]["answers"][0].isdigit()
     assert Memory.open(path).n_tokens == before
+
+
+def test_probed_reuse_finds_the_passkey_and_kvmap_index_indexes_an_old_memory(lm, tmp_path):
+    """The cluster index on SmolLM2's real K/V: remember samples the queries and builds it; probing 4 clusters
+    per query finds the passkey like exact reuse; `kvmap index` rebuilds a memory remembered without it."""
+    from kvmap.eval.corpus import build_corpus_memory
+    from kvmap.eval.scale import needle_at_scale
+    from kvmap.ports import ImportConfig
+    from kvmap.stores import clusters
+
+    path = tmp_path / "filler"
+    build_corpus_memory(lm, path, 2000, part_tokens=1000, corpus="filler", progress=False)
+    probed = needle_at_scale(lm, path, 2, ImportConfig.from_options(reuse=64, reuse_probe=4), needle_tokens=200,
+                             progress=False)
+    assert probed["methods"]["kvmap"]["correct"] == 2, [e["kvmap"]["output"] for e in probed["examples"]]
+    folders = [p for p in (path / "segments").iterdir() if not p.name.startswith(".")]
+    for folder in folders:  # as a memory remembered before the index existed
+        for f in folder.glob("clusters-*.npz"):
+            f.unlink()
+        (folder / clusters.MOMENTS_FILE).unlink()
+    proc = run_cli("index", "--memory", str(path))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert f"{len(folders)} of {len(folders)} segment(s) indexed for distance 4096" in proc.stdout.decode()
+    assert all((f / clusters.file_name(4096, clusters.CLUSTER_SIZE)).exists() for f in folders)

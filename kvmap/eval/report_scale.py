@@ -82,15 +82,20 @@ def _recall_reuse(r: dict, out_dir: Path) -> list[str]:
              f"{s['layers']}; `benchmarks/recall_reuse.py`). *Prompt*: the forward that picks the candidates; "
              "*decode*: later tokens searching among them. `reuse=K`: each prompt query's K best by exact "
              "search; `reuse_blocks=B`: the tokens of B blocks of 32 per (layer, KV head), ranked by "
-             "per-channel key bounds (Quest). *Worst layer*: the layer whose decode steps keep the least.", "",
-             "| setting | recall, prompt | recall, decode | worst layer, decode | candidates per (layer, KV head) "
-             "| first forward s |", "|---|---|---|---|---|---|"]
+             "per-channel key bounds (Quest); `reuse_probe=P`: each query's K best among the keys of its P best "
+             "clusters of the query-aware cluster index (`kvmap/stores/clusters.py`). *Worst layer*: the layer whose decode steps keep the least.", "",
+             "| setting | recall, prompt | worst layer, prompt | recall, decode | worst layer, decode "
+             "| candidates per (layer, KV head) | first forward s |", "|---|---|---|---|---|---|---|"]
+
+    def worst(by_layer: dict | None) -> str:
+        if not by_layer:
+            return "–"
+        layer, value = min(by_layer.items(), key=lambda kv: kv[1])
+        return f"{value:.3f} (layer {layer})"
+
     for name, x in r["recall"].items():
-        by_layer = x.get("decode_by_layer") or {}
-        worst = min(by_layer.items(), key=lambda kv: kv[1]) if by_layer else None
-        lines.append(f"| {name} | {x['prompt']:.3f} | {x['decode']:.3f} | "
-                     f"{f'{worst[1]:.3f} (layer {worst[0]})' if worst else '–'} | {x['candidates_per_head']:.0f} | "
-                     f"{x['prompt_s']:.1f} |")
+        lines.append(f"| {name} | {x['prompt']:.3f} | {worst(x.get('prompt_by_layer'))} | {x['decode']:.3f} | "
+                     f"{worst(x.get('decode_by_layer'))} | {x['candidates_per_head']:.0f} | {x['prompt_s']:.1f} |")
     lines.append("")
     if any(x.get("decode_by_layer") for x in r["recall"].values()):
         plot = plot_path(out_dir, "results_recall_reuse.png")
@@ -157,6 +162,7 @@ def _sharded(r: dict, out_dir: Path) -> list[str]:
 _BENCHMARKS = (
     ("decode_overhead.json", _decode_overhead),
     ("recall_reuse.json", _recall_reuse),
+    ("recall_probe_1m.json", _recall_reuse),
     ("quantization.json", _quantization),
     ("recall.json", _recall),
     ("layer_subsets.json", _layer_subsets),
@@ -197,9 +203,10 @@ def size_rows(folder: Path) -> list[dict]:
             if (result.parent / "build.jsonl").exists() else []
         read, seconds = sum(b["tokens_read"] for b in builds), sum(b["seconds"] for b in builds)
         k = r["methods"]["kvmap"]
-        nxt, best, layers = (r["config"].get(key) for key in ("reuse_next", "reuse_next_best", "layers"))
+        nxt, best, layers, probe = (r["config"].get(key) for key in ("reuse_next", "reuse_next_best", "layers",
+                                                                     "reuse_probe"))
         method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "") \
-            + (f":reuse_next_best={best}" if nxt and best else "") \
+            + (f":reuse_next_best={best}" if nxt and best else "") + (f":reuse_probe={probe}" if probe else "") \
             + (f":layers={format_layers(tuple(layers))}" if layers else "")
         task = r["task"].removesuffix("-scale")
         label = r["corpus"] if task == "passkey" and r.get("part", "dev") == "dev" else \
@@ -214,16 +221,22 @@ def size_rows(folder: Path) -> list[dict]:
 
 def plot_sizes(rows: list[dict], path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for method in sorted({r["method"].split(" ")[0] for r in rows}):
         mine = [r for r in rows if r["method"].split(" ")[0] == method]
         x = [r["tokens"] for r in mine]
         axes[0].plot(x, [r["decode_ms"] / r["decode_ms_none"] for r in mine], marker="o", label=method)
         axes[1].plot(x, [r["accuracy"] for r in mine], marker="o", label=method)
         axes[2].plot(x, [r["peak_rss_mb"] / 1024 for r in mine], marker="o", label=method)
+        timed = [r for r in mine if r.get("first_s") is not None]
+        if timed:
+            axes[3].plot([r["tokens"] for r in timed], [r["first_s"] for r in timed], marker="o", label=method)
     axes[0].axhline(1.3, color="grey", lw=0.8, ls="--")
     axes[2].axhline(6, color="grey", lw=0.8, ls="--")
-    for ax, title in zip(axes, ["decode ms/token, memory / none", "passkey accuracy", "peak RSS (GiB)"]):
+    axes[3].axhline(5, color="grey", lw=0.8, ls="--")
+    axes[3].set_yscale("log")
+    for ax, title in zip(axes, ["decode ms/token, memory / none", "passkey accuracy", "peak RSS (GiB)",
+                                "first forward s (time to first token)"]):
         ax.set_xscale("log")
         ax.set_xlabel("memory tokens")
         ax.set_title(title, fontsize=9)
