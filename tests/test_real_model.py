@@ -197,7 +197,7 @@ def test_probed_reuse_finds_the_passkey_and_kvmap_index_indexes_an_old_memory(lm
     from kvmap.stores import clusters
 
     path = tmp_path / "filler"
-    build_corpus_memory(lm, path, 2000, part_tokens=1000, corpus="filler", progress=False)
+    build_corpus_memory(lm, path, 4000, part_tokens=2000, corpus="filler", progress=False)  # probed: 4 x 256 < 2000
     probed = needle_at_scale(lm, path, 2, ImportConfig.from_options(reuse=64, reuse_probe=4), needle_tokens=200,
                              progress=False)
     assert probed["methods"]["kvmap"]["correct"] == 2, [e["kvmap"]["output"] for e in probed["examples"]]

@@ -290,7 +290,8 @@ class Memory:
         the memory-map, so the keys do not stay resident). For a memory larger than RAM.
         ``segments`` as in :meth:`search` (a sharded memory streams each shard's own). ``probe``: in the
         segments that have query moments, read only the keys of each query's ``probe.clusters`` best
-        clusters (:mod:`kvmap.stores.clusters`; exact scores, approximate top-k); the others are streamed.
+        clusters (:mod:`kvmap.stores.clusters`; exact scores, approximate top-k); the others, and every segment
+        of at most ``probe.clusters * probe.cluster_size`` tokens (a new small document), are streamed.
         Returns (H, M, k') scores and global ids, k' = min(k, tokens in the searched segments).
         """
         q, device = self._queries(layer, queries), queries.device
@@ -298,7 +299,9 @@ class Memory:
         if chunk < 1:
             raise InputError(f"chunk must be at least 1, got {chunk}")
         k = max(0, min(int(k), sum(self._segments[s].n_tokens for s in chosen)))
-        indexed = [(s, self._segments[s].clusters(probe)) for s in chosen] if probe is not None and k else []
+        # a segment no larger than one query's probe budget is cheaper to scan exactly than to probe
+        large = [s for s in chosen if probe is not None and self._segments[s].n_tokens > probe.clusters * probe.cluster_size]
+        indexed = [(s, self._segments[s].clusters(probe)) for s in large] if k else []
         indexed = [(s, found[layer]) for s, found in indexed if found is not None]
         streamed = [s for s in chosen if s not in {i for i, _ in indexed}]
         scores, ids = scan.stream_topk([self._segments[s] for s in streamed], [int(self._bases[s]) for s in streamed],
