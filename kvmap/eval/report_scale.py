@@ -73,7 +73,7 @@ def _decode_overhead(r: dict, out_dir: Path) -> list[str]:
     return lines
 
 
-def _recall_reuse(r: dict, out_dir: Path) -> list[str]:
+def _recall_reuse(r: dict, out_dir: Path, plot_name: str = "results_recall_reuse.png") -> list[str]:
     """Recall of retrieval reuse against exact search (``benchmarks/recall_reuse.py``), table and plot."""
     s = r["settings"]
     lines = [f"Recall@{s['k']} of retrieval reuse against exact search over the whole memory, on SmolLM2's "
@@ -98,7 +98,7 @@ def _recall_reuse(r: dict, out_dir: Path) -> list[str]:
                      f"{worst(x.get('decode_by_layer'))} | {x['candidates_per_head']:.0f} | {x['prompt_s']:.1f} |")
     lines.append("")
     if any(x.get("decode_by_layer") for x in r["recall"].values()):
-        plot = plot_path(out_dir, "results_recall_reuse.png")
+        plot = plot_path(out_dir, plot_name)
         plot_recall_by_layer(r, plot)
         lines += [f"![decode-step recall by layer]({plot_link(out_dir, plot)})", ""]
     return lines
@@ -162,7 +162,8 @@ def _sharded(r: dict, out_dir: Path) -> list[str]:
 _BENCHMARKS = (
     ("decode_overhead.json", _decode_overhead),
     ("recall_reuse.json", _recall_reuse),
-    ("recall_probe_1m.json", _recall_reuse),
+    ("recall_probe_200k.json", lambda r, out_dir: _recall_reuse(r, out_dir, "results_recall_probe_200k.png")),
+    ("recall_probe_1m.json", lambda r, out_dir: _recall_reuse(r, out_dir, "results_recall_probe_1m.png")),
     ("quantization.json", _quantization),
     ("recall.json", _recall),
     ("layer_subsets.json", _layer_subsets),
