@@ -75,8 +75,8 @@ class BruteForceMemory:
         k = min(k, self.n_tokens)
         return scores.topk(k, dim=-1)
 
-    def search_streamed(self, layer, queries, k):
-        return self.search(layer, queries, k)
+    def search_streamed(self, layer, queries, k, probe=None):
+        return self.search(layer, queries, k)  # exact: no cluster index to probe
 
     def fetch(self, layer, ids, release=False):
         h = torch.arange(ids.shape[0]).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)

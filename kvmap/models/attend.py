@@ -302,12 +302,10 @@ def _retrieve(state: RetrievalState, layer: int, queries: torch.Tensor,
             lo, hi, starts, lengths = memory.block_bounds(layer, reuse.block_size)
             blocks = candidates.candidate_blocks(choosing, lo, hi, reuse.blocks, cfg.search_chunk)
             cand = candidates.block_token_ids(blocks, starts, lengths, reuse.block_size)
-        elif reuse.probe > 0:
-            probe = Probe(clusters=reuse.probe, distance=cfg.distance)
-            found = memory.search_streamed(layer, choosing, reuse.candidates, probe=probe)[1]
-            cand = candidates.union_ids(found, reuse.next, memory.n_tokens, reuse.next_best)
-        else:
-            found = memory.search_streamed(layer, choosing, reuse.candidates)[1]
+        else:  # probe only when asked: a MemoryView written before ``probe`` existed still serves exact reuse
+            found = (memory.search_streamed(layer, choosing, reuse.candidates,
+                                            probe=Probe(clusters=reuse.probe, distance=cfg.distance))[1]
+                     if reuse.probe > 0 else memory.search_streamed(layer, choosing, reuse.candidates)[1])
             cand = candidates.union_ids(found, reuse.next, memory.n_tokens, reuse.next_best)
         keys, values = memory.fetch(layer, cand, release=True)  # cand: (Hkv, C) ascending, -1 last
         state.candidates[layer] = (cand, keys.contiguous(), kernel.key_panels(keys), values.contiguous(),

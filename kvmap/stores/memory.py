@@ -300,10 +300,11 @@ class Memory:
             raise InputError(f"chunk must be at least 1, got {chunk}")
         k = max(0, min(int(k), sum(self._segments[s].n_tokens for s in chosen)))
         # a segment no larger than one query's probe budget is cheaper to scan exactly than to probe
-        large = [s for s in chosen if probe is not None and self._segments[s].n_tokens > probe.clusters * probe.cluster_size]
-        indexed = [(s, self._segments[s].clusters(probe)) for s in large] if k else []
-        indexed = [(s, found[layer]) for s, found in indexed if found is not None]
-        streamed = [s for s in chosen if s not in {i for i, _ in indexed}]
+        budget = probe.clusters * probe.cluster_size if probe is not None and k else None
+        large = [s for s in chosen if budget is not None and self._segments[s].n_tokens > budget]
+        indexed = [(s, found[layer]) for s in large if (found := self._segments[s].clusters(probe)) is not None]
+        probed = {s for s, _ in indexed}
+        streamed = [s for s in chosen if s not in probed]
         scores, ids = scan.stream_topk([self._segments[s] for s in streamed], [int(self._bases[s]) for s in streamed],
                                        layer, q, k, chunk)
         if indexed:
@@ -377,8 +378,8 @@ class Memory:
         (:func:`kvmap.reader.sample_query_moments`) for segments remembered without them,
         from their own stored tokens."""
         indexed = 0
+        shape = (self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim)
         for seg in self._segments:
-            shape = (self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim)
             if moments is not None and clusters.load_moments(seg.folder, *shape) is None:
                 sampled = moments(seg.tokens()["token_ids"].tolist())
                 if sampled is not None:
