@@ -62,8 +62,9 @@ class MemoryTuning(pl.LightningModule):
 
     def seconds(self) -> dict:
         """Wall and CPU seconds of training over every attempt so far (validation included, the pool's build not)."""
-        return {"wall_s": round(self.spent["wall_s"] + time.perf_counter() - self._began[0], 1),
-                "cpu_s": round(self.spent["cpu_s"] + time.process_time() - self._began[1], 1)}
+        # milliseconds, not tenths: a short resumed attempt must still add up (reports round for display)
+        return {"wall_s": round(self.spent["wall_s"] + time.perf_counter() - self._began[0], 3),
+                "cpu_s": round(self.spent["cpu_s"] + time.process_time() - self._began[1], 3)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kvmap_seconds"] = self.seconds()
