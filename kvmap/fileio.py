@@ -10,7 +10,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -23,13 +23,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``path`` through a uniquely named temporary beside it, fsync, then rename over it."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A file to write ``path`` through: a uniquely named temporary beside it, fsynced and renamed over it
+    on a clean exit, deleted on an error (for files too large to hold in RAM at once)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +39,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``path`` through a uniquely named temporary beside it, fsync, then rename over it."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:

@@ -210,13 +210,13 @@ def size_rows(folder: Path) -> list[dict]:
             + (f":reuse_next_best={best}" if nxt and best else "") + (f":reuse_probe={probe}" if probe else "") \
             + (f":layers={format_layers(tuple(layers))}" if layers else "")
         task = r["task"].removesuffix("-scale")
-        label = r["corpus"] if task == "passkey" and r.get("part", "dev") == "dev" else \
-            f"{r['corpus']}, {task}, {r.get('part', 'dev')} part"
+        curve = task == "passkey" and r.get("part", "dev") == "dev"  # the plot's lines: one task, every size
+        label = r["corpus"] if curve else f"{r['corpus']}, {task}, {r.get('part', 'dev')} part"
         rows.append({"tokens": r["haystack_tokens"], "method": f"{method} ({label})",
                      "correct": k["correct"], "n": k["n"], "decode_ms": r["speed"]["decode_ms_memory"],
                      "decode_ms_none": r["speed"]["decode_ms_no_memory"], "first_s": r["speed"]["prefill_s_memory"],
                      "ingest_tok_s": read / seconds if seconds else None, "peak_rss_mb": r["peak_rss_mb"],
-                     "disk_bytes_per_token": r["disk_bytes_per_token"], "accuracy": k["accuracy"]})
+                     "disk_bytes_per_token": r["disk_bytes_per_token"], "accuracy": k["accuracy"], "curve": curve})
     return sorted(rows, key=lambda x: (x["method"].split(" ")[0], x["tokens"]))
 
 
@@ -224,7 +224,7 @@ def plot_sizes(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for method in sorted({r["method"].split(" ")[0] for r in rows}):
-        mine = [r for r in rows if r["method"].split(" ")[0] == method]
+        mine = [r for r in rows if r["method"].split(" ")[0] == method and r.get("curve", True)]  # not NIAH
         x = [r["tokens"] for r in mine]
         axes[0].plot(x, [r["decode_ms"] / r["decode_ms_none"] for r in mine], marker="o", label=method)
         axes[1].plot(x, [r["accuracy"] for r in mine], marker="o", label=method)

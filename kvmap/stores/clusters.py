@@ -5,8 +5,9 @@ shelf ANN indexes lose recall on attention keys because queries are far from the
 (RetrievalAttention: Liu et al., 2024). This index fixes the metric instead of the data structure: keys
 are clustered with k-means under the *queries'* second moment ``M = E[q^T q]``, so that a cluster's spread
 is measured as the error it causes in query-key scores: ``E_q[(q . (k - c))^2] = (k - c) M (k - c)^T``.
-A search scores every centroid, scans the keys of each query's ``probe`` best clusters exactly and
-keeps the top-k: exact scores, fewer keys.
+A search scores every centroid, scans the keys of each query's ``probe`` best clusters and keeps the
+top-k: fewer keys, read from an int8 copy in cluster order (:mod:`kvmap.stores.sketch`) where the segment
+has one.
 
 The moments come from the model's own queries while it reads (:func:`kvmap.reader.read_into` samples a
 chunk of each segment, pre-RoPE). Searches use queries rotated to the import ``distance``, so the metric
@@ -17,6 +18,7 @@ a damaged, foreign or stale file is built again).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from dataclasses import dataclass
@@ -47,12 +49,16 @@ class Probe:
 
 @dataclass
 class LayerClusters:
-    """One layer's clusters: centroids (H, C, d) float32, members (H, n) int64 local ids grouped by cluster,
+    """One layer's clusters: centroids (H, C, d) float32, members (H, n) int32 local ids grouped by cluster,
     starts (H, C + 1) int64: cluster c of head h holds ``members[h, starts[h, c]:starts[h, c + 1]]``."""
 
     centroids: np.ndarray
     members: np.ndarray
     starts: np.ndarray
+    codes: np.ndarray | None = None
+    """(H, n, d) int8 and scales (H, n) float16: the keys again in ``members`` order (:mod:`kvmap.stores.sketch`),
+    so that a cluster is one contiguous slice; None where the segment has no such copy."""
+    scales: np.ndarray | None = None
 
 
 def query_moment(queries: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -87,7 +93,7 @@ def build_layer(keys: np.ndarray, metric: np.ndarray, cluster_size: int, seed: i
         assign = km.index.search(x, 1)[1][:, 0]
         cents.append(np.linalg.solve(chol.T, km.centroids.T.astype(np.float64)).T.astype(np.float32))  # back to keys
         order = np.argsort(assign, kind="stable")
-        members.append(order.astype(np.int64))
+        members.append(order.astype(np.int32))  # a segment's local ids: half the RAM of int64
         starts.append(np.searchsorted(assign[order], np.arange(n_clusters + 1)).astype(np.int64))
     return LayerClusters(np.stack(cents), np.stack(members), np.stack(starts))
 
@@ -164,7 +170,7 @@ def load(folder: Path, distance: int, cluster_size: int, n_tokens: int, n_layers
                 or (lc.starts[:, 0] != 0).any() or (lc.starts[:, -1] != n_tokens).any() \
                 or (np.diff(lc.starts, axis=1) < 0).any():
             return None
-        layers.append(lc)
+        layers.append(dataclasses.replace(lc, members=lc.members.astype(np.int32)))  # files of int64 read too
     return layers
 
 
@@ -185,9 +191,42 @@ def _read(path: Path) -> dict[str, np.ndarray] | None:
     return arrays if digest.tobytes().hex() == _digest(arrays) else None
 
 
+def span_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. ends[i] - 1`` of every span, concatenated in order: (sum of lengths,) int64."""
+    lengths = (ends - starts).astype(np.int64)
+    out_first = np.cumsum(lengths) - lengths  # where each span starts in the output
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts.astype(np.int64) - out_first, lengths)
+
+
+def bf16_matmul_is_fast() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), where a bfloat16 matmul is
+    several times faster than float32; elsewhere it is slower. Read from the hardware, so that a machine always
+    takes the same path."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def code_scores(queries: torch.Tensor, codes: np.ndarray, scales: np.ndarray) -> torch.Tensor:
+    """Scores (M, n) of queries (M, d) float32 against int8 keys ``codes * scales`` (n, d), (n,), for ranking.
+
+    On a CPU with bfloat16 dot products, keys, queries and scores are rounded to bfloat16 (relative error 2**-9
+    each; float32 sums, rounded once): several times faster, and the (M, n) result, which dominates the memory
+    traffic, is half the bytes. The scores only choose candidates: the top-k among them is taken again from
+    their exact keys (:func:`kvmap.models.attend._retrieve`)."""
+    if bf16_matmul_is_fast():
+        keys = torch.from_numpy(codes).to(torch.bfloat16) * torch.from_numpy(scales).to(torch.bfloat16)[:, None]
+        return queries.to(torch.bfloat16) @ keys.T  # (M, n) bfloat16
+    return queries @ (torch.from_numpy(codes).float() * torch.from_numpy(scales).float()[:, None]).T
+
+
 def probe_search(queries: torch.Tensor, centroids: torch.Tensor, clusters: list[tuple[int, LayerClusters]],
                  keys_of, probe: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k among the keys of each query's ``probe`` best clusters, over several segments.
+    """Top-k among the keys of each query's ``probe`` best clusters, over several segments.
+
+    The keys of the union of a KV head's chosen clusters are scored against all of its queries (more keys per
+    query than its own clusters hold: better recall, one large matmul). They are read from the clusters' int8
+    copy where a segment has one (contiguous slices; scores within the quantisation error), else exactly from
+    ``keys_of`` (a row gather that touches most of the key file's pages).
 
     Parameters
     ----------
@@ -209,18 +248,29 @@ def probe_search(queries: torch.Tensor, centroids: torch.Tensor, clusters: list[
     for h in range(n_heads):
         chosen = np.unique(top[h].numpy())  # the union of the head's queries' clusters, ascending
         seg_of = np.searchsorted(offsets, chosen, side="right") - 1
-        ids, vecs = [], []
+        coded_ids, codes, scales, exact_ids, keys = [], [], [], [], []
         for s in np.unique(seg_of):
             base, lc = clusters[s]
             local = chosen[seg_of == s] - offsets[s]
-            rows = np.concatenate([lc.members[h, lc.starts[h, c]:lc.starts[h, c + 1]] for c in local])
-            rows.sort()  # reading order: nearby rows share pages
-            vecs.append(np.asarray(keys_of(s)[rows, h], np.float32))
-            ids.append(rows + base)
-        if not ids:
+            pos = span_positions(lc.starts[h, local], lc.starts[h, local + 1])  # the clusters' rows, contiguous runs
+            rows = lc.members[h, pos].astype(np.int64)  # local ids
+            if lc.codes is not None:
+                codes.append(np.asarray(lc.codes[h])[pos])  # (n_rows, d) int8 (asarray: no memmap per-item cost)
+                scales.append(np.asarray(lc.scales[h])[pos])  # (n_rows,) float16
+                coded_ids.append(rows + base)
+            else:
+                rows = np.sort(rows)  # reading order: nearby rows share pages
+                keys.append(np.asarray(keys_of(s)[rows, h], np.float32))
+                exact_ids.append(rows + base)
+        parts = []  # (scores (M, n), ids (n,)): one matmul over all the coded segments, one over the others
+        if codes:
+            parts.append((code_scores(queries[h], np.concatenate(codes), np.concatenate(scales)), coded_ids))
+        if keys:
+            parts.append((queries[h] @ torch.from_numpy(np.concatenate(keys)).T, exact_ids))
+        if not parts:
             continue
-        cand_ids = torch.from_numpy(np.concatenate(ids))
-        scores = queries[h] @ torch.from_numpy(np.concatenate(vecs)).T  # (M, n_candidates)
-        s, pick = scores.topk(min(k, scores.shape[1]), dim=-1)
-        out_s[h, :, :s.shape[1]], out_i[h, :, :s.shape[1]] = s, cand_ids[pick]
+        scores = torch.cat([p[0].float() for p in parts], dim=1) if len(parts) > 1 else parts[0][0]  # (M, n)
+        cand_ids = torch.from_numpy(np.concatenate([i for p in parts for i in p[1]]))
+        top_s, pick = scores.topk(min(k, scores.shape[1]), dim=-1)
+        out_s[h, :, :top_s.shape[1]], out_i[h, :, :top_s.shape[1]] = top_s.float(), cand_ids[pick]
     return out_s, out_i

@@ -290,8 +290,9 @@ class Memory:
         the memory-map, so the keys do not stay resident). For a memory larger than RAM.
         ``segments`` as in :meth:`search` (a sharded memory streams each shard's own). ``probe``: in the
         segments that have query moments, read only the keys of each query's ``probe.clusters`` best
-        clusters (:mod:`kvmap.stores.clusters`; exact scores, approximate top-k); the others, and every segment
-        of at most ``probe.clusters * probe.cluster_size`` tokens (a new small document), are streamed.
+        clusters (:mod:`kvmap.stores.clusters`; scored from their int8 key copy, an approximate top-k); the
+        others, and every segment of at most ``probe.clusters * probe.cluster_size`` tokens (a new small
+        document), are streamed.
         Returns (H, M, k') scores and global ids, k' = min(k, tokens in the searched segments).
         """
         q, device = self._queries(layer, queries), queries.device
@@ -311,7 +312,9 @@ class Memory:
             centroids = torch.from_numpy(np.concatenate([lc.centroids for _, lc in indexed], axis=1))  # (H, C, d)
             found_s, found_i = clusters.probe_search(
                 q, centroids, [(int(self._bases[s]), lc) for s, lc in indexed],
-                lambda i: self._segments[indexed[i][0]].keys(layer), probe.clusters, k)
+                lambda i: self._segments[indexed[i][0]].keys(layer, scattered=True), probe.clusters, k)
+            for s, _ in indexed:  # a large memory's key copies would otherwise stay resident, question after question
+                self._segments[s].release_sketch()
             scores, pick = torch.cat([scores, found_s], dim=-1).topk(k, dim=-1)
             ids = torch.cat([ids, found_i], dim=-1).gather(-1, pick)
         return scores.to(device), ids.to(device)

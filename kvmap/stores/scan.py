@@ -70,8 +70,8 @@ def gather(segments: Sequence[Segment], bases: np.ndarray, layer: int, ids: np.n
     for s in np.unique(seg_of[seg_of < len(segments)]):
         seg, mask = segments[s], seg_of == s
         rows = ids[mask] - bases[s]
-        keys[mask] = seg.keys(layer)[rows, heads[mask]]  # (n_sel, d) gathered from the memmap
-        values[mask] = seg.values(layer)[rows, heads[mask]]
+        keys[mask] = seg.keys(layer, scattered=True)[rows, heads[mask]]  # (n_sel, d) gathered from the memmap
+        values[mask] = seg.values(layer, scattered=True)[rows, heads[mask]]
         if release:
             seg.release(layer)
     return keys, values

@@ -37,6 +37,14 @@ def as_numpy(x, name: str) -> np.ndarray:
 # read side
 
 
+def drop_pages(mapped: np.ndarray | None) -> None:
+    """Unmap the pages a read of memory-map ``mapped`` (or a slice of one: it keeps the map) touched: they stop
+    counting as this process's resident memory and stay in the OS page cache."""
+    handle = getattr(mapped, "_mmap", None)  # np.memmap's mmap object
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
 class Segment:
     """A committed segment: lazily opened memory-maps, tokens, texts and indexes."""
 
@@ -58,29 +66,43 @@ class Segment:
         msg = " ".join(str(err).split())[:200]
         return MemoryFormatError(f"cannot read {self.folder / name}: {msg}; {FIX_SEGMENT}")
 
-    def array(self, name: str) -> np.ndarray:
-        """Read-only memory-map of ``k{l:02d}.bin`` / ``v{l:02d}.bin``: (n, H, d)."""
-        if name not in self._maps:
+    def array(self, name: str, scattered: bool = False) -> np.ndarray:
+        """Read-only memory-map of ``k{l:02d}.bin`` / ``v{l:02d}.bin``: (n, H, d).
+
+        ``scattered``: a second map of the file for gathers of rows spread over it, advised as random
+        access, so that each page fault reads its page and not the 128 KiB of read-ahead around it (which
+        for a gather of 1% of the rows reads most of the file, and evicts the rest of the memory from the
+        page cache)."""
+        if (name, scattered) not in self._maps:
             shape = (self.n_tokens, self.layout.n_kv_heads, self.layout.head_dim)
             try:
-                self._maps[name] = np.memmap(self.folder / name, dtype=self.dtype, mode="r", shape=shape)
+                mapped = np.memmap(self.folder / name, dtype=self.dtype, mode="r", shape=shape)
             except (OSError, ValueError) as err:
                 raise self._damaged(name, err) from None
-        return self._maps[name]
+            if scattered and hasattr(mmap, "MADV_RANDOM"):
+                mapped._mmap.madvise(mmap.MADV_RANDOM)
+            self._maps[(name, scattered)] = mapped
+        return self._maps[(name, scattered)]
 
-    def keys(self, layer: int) -> np.ndarray:
-        return self.array(f"k{layer:02d}.bin")
+    def keys(self, layer: int, scattered: bool = False) -> np.ndarray:
+        return self.array(f"k{layer:02d}.bin", scattered)
 
-    def values(self, layer: int) -> np.ndarray:
-        return self.array(f"v{layer:02d}.bin")
+    def values(self, layer: int, scattered: bool = False) -> np.ndarray:
+        return self.array(f"v{layer:02d}.bin", scattered)
 
     def release(self, layer: int) -> None:
         """Unmap the pages of this layer's K/V that reads touched, so they stop counting as this
         process's resident memory (they stay in the OS page cache; the next read maps them again)."""
         for name in (f"k{layer:02d}.bin", f"v{layer:02d}.bin"):
-            mapped = getattr(self._maps.get(name), "_mmap", None)  # np.memmap's mmap object
-            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+            for scattered in (False, True):
+                drop_pages(self._maps.get((name, scattered)))
+
+    def release_sketch(self) -> None:
+        """:meth:`release` for the clusters' int8 key copies (:mod:`kvmap.stores.sketch`) a search read."""
+        for layers in self._clusters.values():
+            if layers:  # each layer's codes and scales are slices of the same two maps
+                drop_pages(layers[0].codes)
+                drop_pages(layers[0].scales)
 
     def key_chunks(self, layer: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, keys (n, H, d)) of ``layer`` a chunk at a time, by plain reads (not the memory-map,
@@ -98,6 +120,11 @@ class Segment:
                     yield start, np.frombuffer(raw, dtype=self.dtype).reshape(n, H, d)
         except (OSError, ValueError) as err:
             raise self._damaged(name, err) from None
+
+    def read_keys(self, layer: int) -> np.ndarray:
+        """All keys (n, H, d) of ``layer`` in RAM, by plain reads: building derived data of a memory larger than
+        RAM does not leave it resident, as a memory-map's pages would stay."""
+        return np.concatenate([k for _, k in self.key_chunks(layer, max(1, self.n_tokens))])
 
     def tokens(self) -> dict[str, np.ndarray]:
         """token_ids, doc_ids, offsets: (n,) int64 each, checked (ids of a vocabulary, offsets >= 0)."""
@@ -144,8 +171,7 @@ class Segment:
                 return both[0], both[1]
         both = np.empty((2, L, n_blocks, H, d), self.dtype)
         for layer in range(L):
-            keys = np.concatenate([k for _, k in self.key_chunks(layer, max(1, self.n_tokens))])
-            both[0, layer], both[1, layer] = key_bounds(keys, block_size)
+            both[0, layer], both[1, layer] = key_bounds(self.read_keys(layer), block_size)
         buf = io.BytesIO()
         np.save(buf, both)
         with contextlib.suppress(OSError):  # a read-only memory just keeps them in RAM
@@ -164,13 +190,32 @@ class Segment:
         if spec not in self._clusters:
             shape = (self.n_tokens, self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim)
             found = clusters.load(self.folder, *spec, *shape)
-            if found is None:
-                found = clusters.build(self.folder, self.keys, *spec, *shape)
+            built = found is None
+            if built:
+                found = clusters.build(self.folder, self.read_keys, *spec, *shape)
                 if found is not None:
                     with contextlib.suppress(OSError):  # a read-only memory keeps them in RAM
                         clusters.save(self.folder, *spec, found, self.n_tokens)
+            if found is not None:
+                self._attach_sketch(spec, found, built)
             self._clusters[spec] = found
         return self._clusters[spec]
+
+    def _attach_sketch(self, spec: tuple[int, int], layers: list, built: bool) -> None:
+        """Give ``layers`` their int8 key copy (:mod:`kvmap.stores.sketch`): loaded, or written first when
+        missing, stale or the clusters were just built. A read-only memory without one searches without it."""
+        from kvmap.stores import sketch
+
+        shape = (self.n_tokens, self.layout.n_kv_heads, self.layout.head_dim)
+        found = None if built else sketch.load(self.folder, *spec, layers, self.keys, *shape)
+        if found is None:
+            with contextlib.suppress(OSError):
+                sketch.build(self.folder, *spec, layers, self.read_keys, *shape)
+                found = sketch.load(self.folder, *spec, layers, self.keys, *shape)
+        if found is not None:
+            codes, scales = found  # (L, H, n, d), (L, H, n)
+            for layer, lc in enumerate(layers):
+                lc.codes, lc.scales = codes[layer], scales[layer]
 
     def index(self, layer: int, kind: str, params: dict) -> KVIndex:
         """This segment's index for ``layer``, loaded on first use."""

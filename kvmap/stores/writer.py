@@ -179,12 +179,12 @@ class SegmentWriter:
                 "meta_sha256": hashlib.sha256(meta_bytes).hexdigest()}
 
     def _build_clusters(self) -> None:
-        """Save the query moments and build the cluster index for the default import distance (derived data:
-        other distances are built on first use)."""
+        """Save the query moments and build the cluster index and its int8 key copy for the default import
+        distance (derived data: other distances are built on first use)."""
         if self._query_moments is None:
             return
         from kvmap.config import ImportConfig
-        from kvmap.stores import clusters
+        from kvmap.stores import clusters, sketch
 
         clusters.save_moments(self.folder, *self._query_moments)
         L, H, d = self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim
@@ -193,7 +193,11 @@ class SegmentWriter:
             return np.memmap(self.folder / f"k{layer:02d}.bin", dtype=self.dtype, mode="r", shape=(self.n_tokens, H, d))
 
         spec = (ImportConfig().distance, clusters.CLUSTER_SIZE)
-        clusters.save(self.folder, *spec, clusters.build(self.folder, keys, *spec, self.n_tokens, L, H, d), self.n_tokens)
+        layers = clusters.build(self.folder, keys, *spec, self.n_tokens, L, H, d)
+        if layers is None:  # the moments just written do not read back: searched without the index
+            return
+        clusters.save(self.folder, *spec, layers, self.n_tokens)
+        sketch.build(self.folder, *spec, layers, keys, self.n_tokens, H, d)
 
     def _build_indexes(self) -> list[str]:
         """Build and save every layer's index (persistent store kinds); the files written, fsynced."""
