@@ -163,7 +163,9 @@ bench-scale: $(STAMP)
 # The query-aware cluster index (issue 17) on the 1.03M-token tales memory: build it (remember samples
 # the queries and clusters each segment: 46 min here), then passkey with --reuse-probe 32 (20 trials, ~10 min),
 # the exact path on the first 3 of those trials (~5 min), recall against exact search (~10 min), and NIAH
-# single (test part, 10 trials, ~6 min). About 80 min on this CPU.
+# single (test part, 10 trials, ~6 min); then recall and passkey with 64 clusters (~12 min), the scaling
+# curve at 35k, 68k and 204k tokens (~15 min with the two small builds), the index build's cost (~1 min)
+# and the cold start (~3 min). About 110 min on this CPU; measured 2026-12-03 for the parts after the build.
 bench-index: $(STAMP)
 	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --build-only --quiet
 	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 20 --reuse-probe 32 --out runs/scale/tales-1m-probe32 --quiet
@@ -172,6 +174,17 @@ bench-index: $(STAMP)
 	  --settings reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=32
 	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 10 --task niah-single --part test --reuse-probe 32 \
 	  --out runs/scale/tales-1m-probe32 --quiet
+	$(BIN)/python benchmarks/recall_reuse.py --memory $(SCALE_DIR)/tales-1m --questions 6 --out runs/scale/recall_probe_1m.json \
+	  --settings reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=32,reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=64
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 20 --reuse-probe 64 --out runs/scale/tales-1m-probe64 --quiet
+	# the scaling curve: first forward and decode by memory size (10k reads one whole tales part, 35k tokens)
+	for n in 10k 50k 200k; do \
+	  $(BIN)/kvmap bench scale --corpus tales --tokens $$n --trials 5 --reuse-probe 32 --out runs/scale/tales-$$n-probe32 --quiet && \
+	  $(BIN)/kvmap bench scale --corpus tales --tokens $$n --trials 5 --out runs/scale/tales-$$n-exact --quiet || exit 1; \
+	done
+	$(BIN)/python benchmarks/index_build.py --memory $(SCALE_DIR)/tales-50k --build runs/scale/tales-50k-probe32
+	# needs root (it drops the page cache); skipped with a message otherwise
+	$(BIN)/python benchmarks/cold_start.py --memory $(SCALE_DIR)/tales-1m --reuse-probe 32 --trials 3 || true
 	$(MAKE) report
 
 bench-full: $(STAMP)

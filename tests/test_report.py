@@ -151,3 +151,46 @@ def test_the_finetune_section_lists_each_adapter_run_with_its_data_settings(tmp_
     text = report(tmp_path)
     assert "| `memory-adapter` | 20 × 4 | 0% | 0.03 CPU-h (1 min wall) | r=8 on q_proj | 1.50 → 0.40 | 50% → 75% |" in text
     assert "| `memory-adapter-v2` | 20 × 4 | 50% |" in text
+
+
+def _scale_result(tokens: int, probe: int | None, task: str = "passkey-scale", prefill: float = 5.0) -> dict:
+    config = {"top_k": 16, "reuse": 256, "reuse_next": 8, "reuse_next_best": 16} | ({"reuse_probe": probe} if probe else {})
+    return {"task": task, "corpus": "tales", "haystack_tokens": tokens, "trials": 5, "config": config,
+            "methods": {"kvmap": {"correct": 1, "n": 5, "accuracy": 0.2}, "none": {"correct": 0, "n": 5, "accuracy": 0}},
+            "speed": {"decode_ms_memory": 55.0, "decode_ms_no_memory": 50.0, "prefill_s_memory": prefill},
+            "peak_rss_mb": 2048.0, "disk_bytes_per_token": 29000.0}
+
+
+def test_the_scale_section_curves_first_forward_by_memory_size_and_the_index_build(tmp_path):
+    from kvmap.eval.plots import plot_path
+    from kvmap.eval.report_scale import scale_section, size_rows
+
+    scale = tmp_path / "scale"
+    for name, result in {"a-probe/passkey-scale.json": _scale_result(35_000, 32, prefill=2.0),
+                         "b-probe/passkey-scale.json": _scale_result(1_000_000, 32, prefill=5.1),
+                         "b-probe/niah-single-test-scale.json": _scale_result(1_000_000, 32, "niah-single-scale", 7.7),
+                         "b-exact/passkey-scale.json": _scale_result(1_000_000, None, prefill=65.0)}.items():
+        (scale / name).parent.mkdir(parents=True, exist_ok=True)
+        (scale / name).write_text(json.dumps(result))
+    (scale / "index_build.json").write_text(json.dumps({
+        "n_tokens": 68000, "n_segments": 2, "part_s_per_1k": {"moments": 0.1, "clusters": 0.2, "sketch": 0.05},
+        "index_s_per_1k": 0.35, "ingest_s_per_1k_with_index": 2.9, "build_run": "runs/scale/tales-50k-probe32",
+        "index_share_of_ingest": 0.137}))
+    rows = size_rows(scale)
+    assert [r["curve"] for r in rows if "reuse_probe" in r["method"]] == [True, False, True]  # NIAH is no curve point
+    text = "\n".join(scale_section(scale, tmp_path / "out"))
+    assert "| 1,000,000 | kvmap:reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=32 (tales) | 1/5 |" in text
+    assert "(tales, niah-single, dev part)" in text and "adds 14% to reading without it" in text
+    assert "0.35 s per 1k tokens" in text and plot_path(tmp_path / "out", "results_scale.png").exists()
+
+
+def test_the_scale_section_reports_the_cold_start(tmp_path):
+    from kvmap.eval.report_scale import scale_section
+
+    scale = tmp_path / "scale"
+    scale.mkdir()
+    (scale / "cold_start.json").write_text(json.dumps({
+        "n_tokens": 1_025_751, "options": {"top_k": 16, "reuse": 256, "reuse_probe": 32}, "prompt_tokens": 40,
+        "rows": [{}, {}, {}], "cold_s": 12.0, "warm_s": 5.0, "cold_over_warm": 2.4}))
+    text = "\n".join(scale_section(scale, tmp_path / "out"))
+    assert "`reuse=256:reuse_probe=32`" in text and "cold 12.0 s, warm" in text and "2.4× warm" in text

@@ -159,7 +159,30 @@ def _sharded(r: dict, out_dir: Path) -> list[str]:
     return lines
 
 
+def _index_build(r: dict, out_dir: Path) -> list[str]:
+    """What the cluster index adds to remembering (``benchmarks/index_build.py``)."""
+    parts = r["part_s_per_1k"]
+    return [f"Building the query-aware cluster index (`benchmarks/index_build.py`) for a {r['n_tokens']:,}-token "
+            f"tales memory ({r['n_segments']} segments, one part after another on a hard-linked copy): "
+            f"{r['index_s_per_1k']:.2f} s per 1k tokens in all, of which sampling the model's queries "
+            f"{parts['moments']:.2f}, k-means {parts['clusters']:.2f} and the int8 key copy {parts['sketch']:.2f}. "
+            f"Reading with the index ran at {r['ingest_s_per_1k_with_index']:.2f} s per 1k tokens (the build "
+            f"table's row for `{Path(r['build_run']).name}`), so the index adds "
+            f"{100 * r['index_share_of_ingest']:.0f}% to reading without it.", ""]
+
+
+def _cold_start(r: dict, out_dir: Path) -> list[str]:
+    """Time to first token with the page cache dropped (``benchmarks/cold_start.py``)."""
+    options = ":".join(f"{k}={v}" for k, v in r["options"].items() if k in ("reuse", "reuse_probe"))
+    return [f"Time to first token with the page cache dropped before each question (`benchmarks/cold_start.py`, "
+            f"{r['n_tokens']:,}-token memory, `{options}`, a {r['prompt_tokens']}-token prompt, median of "
+            f"{len(r['rows'])}): cold {r['cold_s']:.1f} s, warm (the same question straight after) "
+            f"{r['warm_s']:.1f} s, {r['cold_over_warm']:.1f}× warm.", ""]
+
+
 _BENCHMARKS = (
+    ("index_build.json", _index_build),
+    ("cold_start.json", _cold_start),
     ("decode_overhead.json", _decode_overhead),
     ("recall_reuse.json", _recall_reuse),
     ("recall_probe_200k.json", lambda r, out_dir: _recall_reuse(r, out_dir, "results_recall_probe_200k.png")),
