@@ -245,16 +245,18 @@ def size_rows(folder: Path) -> list[dict]:
 
 def plot_sizes(rows: list[dict], path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for method in sorted({r["method"].split(" ")[0] for r in rows}):
-        mine = [r for r in rows if r["method"].split(" ")[0] == method and r.get("curve", True)]  # not NIAH
+    fig, axes = plt.subplots(1, 4, figsize=(14, 4.8))
+    lines = sorted({r["method"] for r in rows if r.get("curve", True)})  # a line per method and corpus; not NIAH
+    for i, method in enumerate(lines):
+        mine = [r for r in rows if r["method"] == method]
         x = [r["tokens"] for r in mine]
-        axes[0].plot(x, [r["decode_ms"] / r["decode_ms_none"] for r in mine], marker="o", label=method)
-        axes[1].plot(x, [r["accuracy"] for r in mine], marker="o", label=method)
-        axes[2].plot(x, [r["peak_rss_mb"] / 1024 for r in mine], marker="o", label=method)
+        style = {"marker": "o", "label": method, "color": f"C{i % 10}"}  # the same colour in every panel
+        axes[0].plot(x, [r["decode_ms"] / r["decode_ms_none"] for r in mine], **style)
+        axes[1].plot(x, [r["accuracy"] for r in mine], **style)
+        axes[2].plot(x, [r["peak_rss_mb"] / 1024 for r in mine], **style)
         timed = [r for r in mine if r.get("first_s") is not None]
         if timed:
-            axes[3].plot([r["tokens"] for r in timed], [r["first_s"] for r in timed], marker="o", label=method)
+            axes[3].plot([r["tokens"] for r in timed], [r["first_s"] for r in timed], **style)
     axes[0].axhline(1.3, color="grey", lw=0.8, ls="--")
     axes[2].axhline(6, color="grey", lw=0.8, ls="--")
     axes[3].axhline(5, color="grey", lw=0.8, ls="--")
@@ -264,8 +266,8 @@ def plot_sizes(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("memory tokens")
         ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)  # below the panels
+    fig.tight_layout(rect=(0, 0.25, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
