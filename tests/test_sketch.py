@@ -96,3 +96,30 @@ def test_forgetting_a_source_leaves_the_others_copies_in_use(tmp_path):
     assert all(s.clusters(Probe(2, 4096))[0].codes is not None for s in mem._segments)
     true_s = torch.einsum("hmd,hmkd->hmk", queries, mem.fetch(0, got_i)[0])
     assert got_i.min() >= 0 and got_i.max() < 1800 and (true_s - got_s).abs().max() < 0.02 * true_s.abs().max()
+
+
+def test_releasing_one_layers_slice_unmaps_its_pages_and_keeps_the_others(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from kvmap.stores.segment import drop_pages
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs Linux /proc")
+
+    def rss_file_kib() -> int:
+        return next(int(x.split()[1]) for x in status.read_text().splitlines() if x.startswith("RssFile:"))
+
+    path = tmp_path / "copy.bin"
+    path.write_bytes(np.ones(2 * 8 << 20, np.int8).tobytes())  # two "layers" of 8 MiB
+    mapped = np.memmap(path, np.int8, "r", shape=(2, 8 << 20))
+    before = rss_file_kib()
+    assert int(mapped[0].sum()) + int(mapped[1].sum()) == 2 * (8 << 20)  # both layers' pages mapped
+    held = rss_file_kib()
+    drop_pages(mapped[0])
+    one_left = rss_file_kib()
+    drop_pages(mapped[1])
+    assert held - before > 12_000 and 6_000 < one_left - before < 10_000 and rss_file_kib() - before < 1_000
+    assert int(mapped[0][:10].sum()) == 10  # read again after release: the same bytes

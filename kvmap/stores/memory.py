@@ -314,7 +314,7 @@ class Memory:
                 q, centroids, [(int(self._bases[s]), lc) for s, lc in indexed],
                 lambda i: self._segments[indexed[i][0]].keys(layer, scattered=True), probe.clusters, k)
             for s, _ in indexed:  # a large memory's key copies would otherwise stay resident, question after question
-                self._segments[s].release_sketch()
+                self._segments[s].release_sketch(layer)
             scores, pick = torch.cat([scores, found_s], dim=-1).topk(k, dim=-1)
             ids = torch.cat([ids, found_i], dim=-1).gather(-1, pick)
         return scores.to(device), ids.to(device)

@@ -38,11 +38,17 @@ def as_numpy(x, name: str) -> np.ndarray:
 
 
 def drop_pages(mapped: np.ndarray | None) -> None:
-    """Unmap the pages a read of memory-map ``mapped`` (or a slice of one: it keeps the map) touched: they stop
-    counting as this process's resident memory and stay in the OS page cache."""
-    handle = getattr(mapped, "_mmap", None)  # np.memmap's mmap object
-    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-        handle.madvise(mmap.MADV_DONTNEED)
+    """Unmap the pages a read of memory-map ``mapped`` touched: they stop counting as this process's resident
+    memory and stay in the OS page cache. A contiguous slice of a map releases only its own pages (the kernel
+    walks the page table of the range it is given: a whole large map costs more than the slice read)."""
+    handle = getattr(mapped, "_mmap", None)  # np.memmap's mmap object, shared by its slices
+    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = mapped.ctypes.data - np.frombuffer(handle, np.uint8).ctypes.data  # the slice's offset in the map
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    length = start + mapped.nbytes - first if mapped.flags.c_contiguous else len(handle) - first
+    if length > 0:
+        handle.madvise(mmap.MADV_DONTNEED, first, length)
 
 
 class Segment:
@@ -97,12 +103,13 @@ class Segment:
             for scattered in (False, True):
                 drop_pages(self._maps.get((name, scattered)))
 
-    def release_sketch(self) -> None:
-        """:meth:`release` for the clusters' int8 key copies (:mod:`kvmap.stores.sketch`) a search read."""
+    def release_sketch(self, layer: int) -> None:
+        """:meth:`release` for the part of the clusters' int8 key copies (:mod:`kvmap.stores.sketch`) that a
+        search of ``layer`` read."""
         for layers in self._clusters.values():
-            if layers:  # each layer's codes and scales are slices of the same two maps
-                drop_pages(layers[0].codes)
-                drop_pages(layers[0].scales)
+            if layers:  # each layer's codes and scales: slices of the copy's two maps
+                drop_pages(layers[layer].codes)
+                drop_pages(layers[layer].scales)
 
     def key_chunks(self, layer: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, keys (n, H, d)) of ``layer`` a chunk at a time, by plain reads (not the memory-map,
