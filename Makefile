@@ -177,6 +177,9 @@ bench-index: $(STAMP)
 	$(BIN)/python benchmarks/recall_reuse.py --memory $(SCALE_DIR)/tales-1m --questions 6 --out runs/scale/recall_probe_1m.json \
 	  --settings reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=32,reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=64
 	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 20 --reuse-probe 64 --out runs/scale/tales-1m-probe64 --quiet
+	# the closest published peer's mechanism (InfLLM-style blocks) in the same bench
+	$(BIN)/kvmap bench scale --corpus tales --tokens 1M --trials 5 --reuse 0 --block-size 64 --n-blocks 8 \
+	  --out runs/scale/tales-1m-block --quiet
 	# the scaling curve: first forward and decode by memory size (10k reads one whole tales part, 35k tokens)
 	for n in 10k 50k 200k; do \
 	  $(BIN)/kvmap bench scale --corpus tales --tokens $$n --trials 5 --reuse-probe 32 --out runs/scale/tales-$$n-probe32 --quiet && \

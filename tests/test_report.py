@@ -169,7 +169,9 @@ def test_the_scale_section_curves_first_forward_by_memory_size_and_the_index_bui
     for name, result in {"a-probe/passkey-scale.json": _scale_result(35_000, 32, prefill=2.0),
                          "b-probe/passkey-scale.json": _scale_result(1_000_000, 32, prefill=5.1),
                          "b-probe/niah-single-test-scale.json": _scale_result(1_000_000, 32, "niah-single-scale", 7.7),
-                         "b-exact/passkey-scale.json": _scale_result(1_000_000, None, prefill=65.0)}.items():
+                         "b-exact/passkey-scale.json": _scale_result(1_000_000, None, prefill=65.0),
+                         "b-block/passkey-scale.json": {**_scale_result(1_000_000, None), "config": {
+                             "top_k": 16, "reuse": None, "block_size": 64, "n_blocks": 8}}}.items():
         (scale / name).parent.mkdir(parents=True, exist_ok=True)
         (scale / name).write_text(json.dumps(result))
     (scale / "index_build.json").write_text(json.dumps({
@@ -180,6 +182,7 @@ def test_the_scale_section_curves_first_forward_by_memory_size_and_the_index_bui
     assert [r["curve"] for r in rows if "reuse_probe" in r["method"]] == [True, False, True]  # NIAH is no curve point
     text = "\n".join(scale_section(scale, tmp_path / "out"))
     assert "| 1,000,000 | kvmap:reuse=256:reuse_next=8:reuse_next_best=16:reuse_probe=32 (tales) | 1/5 |" in text
+    assert "| kvmap-block:block_size=64:n_blocks=8 (tales) |" in text  # the InfLLM-style peer, same bench
     assert "(tales, niah-single, dev part)" in text and "adds 14% to reading without it" in text
     assert "0.35 s per 1k tokens" in text and plot_path(tmp_path / "out", "results_scale.png").exists()
 

@@ -10,7 +10,7 @@ import json
 
 from kvmap.cli import checks
 from kvmap.cli.memory_commands import load
-from kvmap.cli.options import add_import_options, at_least, comma_ints, import_config, store_choices
+from kvmap.cli.options import add_block_options, add_import_options, at_least, comma_ints, import_config, store_choices
 from kvmap.errors import KVMapError
 from kvmap.fileio import write_json_atomic
 
@@ -169,6 +169,7 @@ def _add_bench(sub) -> None:
                     help="the needle each trial adds: a passkey line (default) or RULER needle sentence(s) in tale text")
     sc.add_argument("--part", default="dev", choices=["dev", "test"], help="which stream of needles (see kvmap eval --part)")
     add_import_options(sc, defaults=PRESETS["scale-1m"])
+    add_block_options(sc, {"block_size": "off", "n_blocks": 8})  # with --reuse 0: the InfLLM-style block import
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--model")
     sc.add_argument("--out", help="run folder (runs/scale/CORPUS-SIZE): passkey-scale.json, trials.jsonl (resumable), build.jsonl")

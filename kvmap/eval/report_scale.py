@@ -229,9 +229,12 @@ def size_rows(folder: Path) -> list[dict]:
         k = r["methods"]["kvmap"]
         nxt, best, layers, probe = (r["config"].get(key) for key in ("reuse_next", "reuse_next_best", "layers",
                                                                      "reuse_probe"))
-        method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "") \
-            + (f":reuse_next_best={best}" if nxt and best else "") + (f":reuse_probe={probe}" if probe else "") \
-            + (f":layers={format_layers(tuple(layers))}" if layers else "")
+        if r["config"].get("block_size"):  # the InfLLM-style block import (`--reuse 0 --block-size B`)
+            method = f"kvmap-block:block_size={r['config']['block_size']}:n_blocks={r['config']['n_blocks']}"
+        else:
+            method = f"kvmap:reuse={r['config']['reuse']}" + (f":reuse_next={nxt}" if nxt else "") \
+                + (f":reuse_next_best={best}" if nxt and best else "") + (f":reuse_probe={probe}" if probe else "")
+        method += f":layers={format_layers(tuple(layers))}" if layers else ""
         task = r["task"].removesuffix("-scale")
         curve = task == "passkey" and r.get("part", "dev") == "dev"  # the plot's lines: one task, every size
         label = r["corpus"] if curve else f"{r['corpus']}, {task}, {r.get('part', 'dev')} part"
