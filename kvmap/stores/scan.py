@@ -99,8 +99,7 @@ def block_means(segments: Sequence[Segment], layout: KVLayout, layer: int, block
     if not segments:
         return torch.zeros(H, 0, d)
     # plain reads, not the memory-maps: at a million tokens the maps' pages would stay resident (11 GB)
-    keys = np.concatenate([k.astype(np.float32) for seg in segments
-                           for _, k in seg.key_chunks(layer, 1 << 15)])  # (N, H, d)
+    keys = np.concatenate([seg.read_keys(layer).astype(np.float32) for seg in segments])  # (N, H, d)
     n = keys.shape[0]
     n_blocks = -(-n // block_size)
     padded = np.zeros((n_blocks * block_size, H, d), np.float32)

@@ -214,11 +214,12 @@ class Segment:
         from kvmap.stores import sketch
 
         shape = (self.n_tokens, self.layout.n_kv_heads, self.layout.head_dim)
-        found = None if built else sketch.load(self.folder, *spec, layers, self.keys, *shape)
+        spot_keys = lambda layer: self.keys(layer, scattered=True)  # noqa: E731  64 single rows: no read-ahead
+        found = None if built else sketch.load(self.folder, *spec, layers, spot_keys, *shape)
         if found is None:
             with contextlib.suppress(OSError):
                 sketch.build(self.folder, *spec, layers, self.read_keys, *shape)
-                found = sketch.load(self.folder, *spec, layers, self.keys, *shape)
+                found = sketch.load(self.folder, *spec, layers, spot_keys, *shape)
         if found is not None:
             codes, scales = found  # (L, H, n, d), (L, H, n)
             for layer, lc in enumerate(layers):
