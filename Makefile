@@ -48,6 +48,8 @@ FQA_METHODS := oracle,none,full,truncate,streaming,rag-bm25,rag-embed,kvmap:loca
 # `python -m kvmap.eval.grid --plan` prints the slices with their estimated hours: 7.2 h in all (0.6-1.8 h a
 # slice; NIAH single at 64k has n=30), from one timed cell per length (2026-12-01: 43 s per NIAH example at 4k, 68 s at 16k, 30 s per
 # FairytaleQA question at 16k; 64k and 128k extrapolated). timing.jsonl in runs/grid records what each took.
+# `python -m kvmap.eval.grid --commit --lengths 4k 6-babi-qa1` runs only a slice's 4k cells (short ones first
+# when time is short); a stopped call (Ctrl-C) keeps its rows and logs its cost too.
 bench: $(STAMP)
 	$(BIN)/python -m kvmap.eval.grid --commit $(SLICES)
 

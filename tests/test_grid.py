@@ -31,3 +31,18 @@ def test_an_unknown_slice_is_a_one_line_error(capsys):
     assert main(["no-such-slice"]) == 1
     err = capsys.readouterr().err
     assert "no-such-slice" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lengths_runs_only_those_lengths_of_each_cell(tmp_path, monkeypatch):
+    import kvmap.eval.runner as runner
+    from kvmap.eval.grid import run_slice
+
+    calls = []
+    monkeypatch.setattr(runner, "run_eval", lambda lm, task, methods, lengths, n, out, **kw: calls.append((task, lengths)))
+    (tmp_path / "grid").mkdir()
+    timing = run_slice("6-babi-qa1", tmp_path, commit=False, lm=object(), lengths=(4_000,))
+    assert calls == [("babi", [4_000])]
+    assert timing["slice"] == "6-babi-qa1@4k"
+    calls.clear()
+    run_slice("2-niah-single-4k", tmp_path, commit=False, lm=object(), lengths=(64_000,))
+    assert calls == []  # no cell of that slice has the length: nothing runs

@@ -135,7 +135,7 @@ def test_the_grid_cost_table_sums_the_measured_slices(tmp_path):
         '{"slice": "1-a", "wall_s": 3600, "cpu_s": 7200, "finished": "t1"}\n'
         '{"slice": "2-b", "wall_s": 1800, "cpu_s": 3600, "finished": "t2"}\n')
     text = report(tmp_path)
-    assert "| 1-a | 1.00 | 2.00 | t1 |" in text and "| all finished | 1.50 | 3.00 | |" in text
+    assert "| 1-a | 1.00 | 2.00 | t1 |" in text and "| all calls | 1.50 | 3.00 | |" in text
 
 
 def test_the_finetune_section_lists_each_adapter_run_with_its_data_settings(tmp_path):

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmap.cli.options import comma_ints
+
 METHODS = ("oracle", "none", "full", "truncate", "streaming", "yarn:max_tokens=12000", "rag-bm25", "rag-embed",
            "kvmap", "kvmap-block", "kvmap-splice", "kvmap-splice-bm25")
 """The issue's method list; ``full`` and ``yarn`` are skipped (at no cost) where they do not fit."""
@@ -82,22 +84,36 @@ def plan() -> list[str]:
     return lines + [f"{'total':20s} {total / 3600:4.1f} h"]
 
 
-def run_slice(name: str, runs: Path, commit: bool, lm=None) -> dict:
-    """Run (or finish) one slice into ``runs/grid``; append its timing; commit its files if asked."""
+def run_slice(name: str, runs: Path, commit: bool, lm=None, lengths: tuple[int, ...] | None = None) -> dict:
+    """Run (or finish) one slice into ``runs/grid``; append its timing; commit its files if asked.
+
+    ``lengths`` runs only those of each cell's lengths (the short ones first, when the time left is short):
+    the cell's folder then holds the other lengths later, the resumed run adding them to its config."""
     from kvmap.eval.runner import run_eval
     from kvmap.models.loading import load_model
 
     lm = lm or load_model()
     began, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    for cell in SLICES[name]:
-        run_eval(lm, cell.task, list(METHODS), list(cell.lengths), cell.n, runs / "grid" / cell.name,
-                 task_options={**cell.options, "part": "test"})
+    stopped = False
+    try:
+        for cell in SLICES[name]:
+            chosen = [x for x in cell.lengths if lengths is None or x in lengths]
+            if chosen:
+                run_eval(lm, cell.task, list(METHODS), chosen, cell.n, runs / "grid" / cell.name,
+                         task_options={**cell.options, "part": "test"})
+    except KeyboardInterrupt:  # Ctrl-C (or SIGINT at a session's end): the rows so far are kept, and so is their cost
+        stopped = True
     now = resource.getrusage(resource.RUSAGE_SELF)
-    timing = {"slice": name, "wall_s": round(time.perf_counter() - began, 1),
+    timing = {"slice": name if lengths is None else f"{name}@{','.join(f'{x // 1000}k' for x in lengths)}",
+              "wall_s": round(time.perf_counter() - began, 1),
               "cpu_s": round(now.ru_utime + now.ru_stime - cpu.ru_utime - cpu.ru_stime, 1),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if stopped:
+        timing["note"] = "stopped before the end; a later run finishes it and adds its own line"
     with open(runs / "grid" / "timing.jsonl", "a") as f:
         f.write(json.dumps(timing) + "\n")
+    if stopped:
+        raise KeyboardInterrupt
     if commit:
         _commit(name, runs)
     return timing
@@ -119,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs", help="the runs folder (cells go to RUNS/grid/)")
     parser.add_argument("--commit", action="store_true", help="after each slice, regenerate RESULTS.md and git commit")
     parser.add_argument("--plan", action="store_true", help="print the slices and their estimated hours, run nothing")
+    parser.add_argument("--lengths", type=comma_ints, help="only these lengths of each slice's cells, e.g. 4k,16k (default: all)")
     args = parser.parse_args(argv)
     if args.plan:
         print("\n".join(plan()))
@@ -127,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"grid: error: unknown slice {unknown[0]!r}; choose from {', '.join(SLICES)}", file=sys.stderr)
         return 1
+    lengths = tuple(args.lengths) if args.lengths else None
     from kvmap.models.loading import load_model
 
     lm = load_model()
     for name in args.slices or list(SLICES):
-        timing = run_slice(name, Path(args.runs), args.commit, lm)
+        timing = run_slice(name, Path(args.runs), args.commit, lm, lengths)
         print(f"slice {name}: {timing['wall_s'] / 3600:.2f} h wall, {timing['cpu_s'] / 3600:.2f} CPU-h")
     return 0
 
