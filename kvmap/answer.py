@@ -24,6 +24,10 @@ class Answer:
     """Source -> its share of what came back (spliced text, or retrievals; sums to 1 over sources)."""
     new_tokens: int = 0
     seconds: float = 0.0
+    trace: ImportTrace | None = None
+    """Import modes with memory: what the import retrieved (with ``keep_shares``, each forward's shares)."""
+    trace_ids: torch.Tensor | None = None
+    """Mode import-bm25: the memory ids (M,) of the part imported from, which the trace's ids index."""
 
 
 def chat_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
@@ -38,9 +42,11 @@ def chat_prompt(tokenizer, question: str, system: str | None = None) -> list[int
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt_ids: list[int], memory=None, config: ImportConfig | None = None,
              max_new_tokens: int = 64, do_sample: bool = False, port: MemoryPort | None = None,
-             **generate_kwargs) -> tuple[str, ImportTrace, int]:
+             keep_shares: bool = False, **generate_kwargs) -> tuple[str, ImportTrace, int]:
     """Generate a continuation of ``prompt_ids``, importing from ``memory`` when given.
 
+    ``keep_shares``: the trace also records each forward's attention share of the memories per head
+    (:attr:`ImportTrace.keep_shares`; decoding then takes the general path, a little slower).
     Returns the decoded new text, the import trace (empty without memory) and the new token count.
     """
     import contextlib
@@ -49,6 +55,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], memory=None, config: Import
     ids = torch.tensor(prompt_ids)[None]
     block = port.importing(memory, config) if memory is not None else contextlib.nullcontext(ImportTrace())
     with block as trace:
+        trace.keep_shares = keep_shares
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, pad_token_id=lm.tokenizer.eos_token_id, **generate_kwargs)
     new = out[0, ids.shape[1]:]
@@ -168,7 +175,7 @@ ASK_MODES = ("splice", "splice-attention", "recompute", "import", "import-bm25")
 
 def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None = None,
         max_new_tokens: int = 64, n_memories: int = 8, port: MemoryPort | None = None,
-        mode: str = "splice") -> Answer:
+        mode: str = "splice", keep_shares: bool = False) -> Answer:
     """Answer ``question`` with the model and ``memory`` (``None``: no memory).
 
     ``mode``: ``splice`` (default) splices the memory blocks BM25 picks for the question into the
@@ -179,7 +186,8 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
     question only (:data:`kvmap.presets.BM25_GATE`), the way the NIAH rows of RESULTS.md found needles.
     ``config`` configures any: in the splice modes it must have block settings (``None``: the
     splice preset, :func:`kvmap.presets.preset`); in import mode ``None`` is the token-level default,
-    in import-bm25 mode the preset ``bm25-import``.
+    in import-bm25 mode the preset ``bm25-import``. ``keep_shares`` (import modes): the answer's trace
+    records the memories' attention share per layer, head and forward (:mod:`kvmap.inspection`).
     """
     import time
 
@@ -205,8 +213,10 @@ def ask(lm: LoadedModel, question: str, memory=None, config: ImportConfig | None
         config = config or preset("bm25-import")
         if source is not None:  # None: an empty memory, nothing to import
             config = config.with_options(top_k=min(config.top_k, source.n_tokens))  # fewer tokens than k
-    text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), source, config, max_new_tokens, port=port)
+    text, trace, n_new = generate(lm, chat_prompt(lm.tokenizer, question), source, config, max_new_tokens, port=port,
+                                  keep_shares=keep_shares and source is not None)
     answer = Answer(text=text, new_tokens=n_new, seconds=time.perf_counter() - began)
     if memory is not None:
         answer.memories, answer.source_shares = describe_trace(memory, trace, n_memories, ids)
+        answer.trace, answer.trace_ids = trace, ids
     return answer

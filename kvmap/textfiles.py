@@ -89,6 +89,12 @@ def read_text(path: str, max_bytes: int = MAX_BYTES) -> str:
                 data = _read_capped(f, max_bytes, name)
             except OSError as err:
                 raise InputError(f"{path}: cannot read ({err.strerror}); check the file") from None
+    return decode_text(data, name)
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """The text of ``data`` (a file's bytes, named ``name`` in errors); InputError when binary, not UTF-8
+    (or UTF-16 with a BOM) or empty. Shared by files read from disk and texts uploaded to ``kvmap explore``."""
     text = _decode(data, name)
     if not text.strip():
         raise InputError(f"{name}: file is empty; nothing to remember")

@@ -315,7 +315,43 @@ def add_forget_info(sub) -> None:
     i.set_defaults(func=cmd_info)
 
 
+# -- explore -------------------------------------------------------------------------------------
+
+def cmd_explore(args) -> int:
+    from kvmap.explore import Explorer, serve
+    from kvmap.stores import Memory
+
+    at_least("--port", args.port, 1)
+    at_least("--max-bytes", args.max_bytes, 1)
+    folder = checks.memory_folder(args.memory, create=True)
+    model = args.model
+    if model is None and (folder / "manifest.json").exists():
+        model = model_for_memory(Memory.open(folder, verify=False), None)
+    explorer = Explorer(load(model, args.adapter), folder, max_bytes=args.max_bytes)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"kvmap explore: serving on {args.host}: anyone who can reach it may read and change the memory",
+              file=sys.stderr)
+    serve(explorer, args.host, args.port)
+    return 0
+
+
+def add_explore(sub) -> None:
+    from kvmap.explore import UPLOAD_LIMIT
+
+    e = sub.add_parser("explore", help="a local web page to ask a memory questions and see what came back "
+                                       "(layer x head map, memories in their documents), add and forget documents")
+    e.add_argument("--memory", required=True, help="memory folder (created if missing)")
+    e.add_argument("--model", help="built-in name or local checkpoint folder (default: the one that made the memory)")
+    e.add_argument("--adapter", help="a memory adapter folder (kvmap finetune)")
+    e.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    e.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    e.add_argument("--max-bytes", type=int, default=UPLOAD_LIMIT,
+                   help=f"largest upload (default {UPLOAD_LIMIT >> 20} MiB)")
+    e.set_defaults(func=cmd_explore)
+
+
 def add_parsers(sub) -> None:
     add_remember(sub)
     add_ask(sub)
     add_forget_info(sub)
+    add_explore(sub)

@@ -122,7 +122,7 @@ def _attend_with_memory(attn: nn.Module, state: RetrievalState, q: torch.Tensor,
     r = n_q // n_kv  # query heads per KV head (GQA group)
     scale = attn.scaling
     if FAST_DECODE and state.mode == "reuse" and t == 1 and layer in state.candidates and cfg.memory_cap == 100 \
-            and cfg.heads is None \
+            and cfg.heads is None and not state.trace.keep_shares \
             and cfg.placement == "ordered" and getattr(attn, "sliding_window", None) is None:
         return _decode_among_candidates(state, layer, q, q_rot, k_all, v_all, scale)
 

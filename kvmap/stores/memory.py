@@ -171,6 +171,10 @@ class Memory:
             if record is not None:
                 self._add_segment(record, drop_source=w.source if replace else None)
 
+    def refresh(self) -> None:
+        """See what another process (``kvmap remember``, ``forget``) changed in the folder since it was opened."""
+        self._sync()
+
     def _sync(self) -> None:
         """Catch up with the manifest on disk (another ``Memory`` object may have changed it).
 
