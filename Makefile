@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 bench-adapter-dev bench-test-choices
+.PHONY: demo test test-ui venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 bench-adapter-dev bench-test-choices
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The explorer page (kvmap explore) in headless Chromium, about a minute; the screenshot goes to
+# runs/explorer/explorer.png. Debian's chromium package is installed when missing and we are root.
+test-ui: $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$KVMAP_CHROMIUM" ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo "installing Debian's chromium" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "make test-ui: no Chromium; install it (Debian: apt-get install chromium) or set KVMAP_CHROMIUM" >&2; exit 1; }
+	KVMAP_UI_OUT=runs/explorer $(BIN)/python -m pytest -q -m ui
 
 clean-venv:
 	rm -rf $(VENV)
