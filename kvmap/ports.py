@@ -181,7 +181,7 @@ class MemoryPort(ABC):
 
 class CausalLMPort(MemoryPort):
     """A causal language model's port: what the reader, splicing, timing and the CLI use beyond export and
-    import (:class:`kvmap.models.llama.LlamaMemoryPort` and its Gemma 3 subclass implement it)."""
+    import (:class:`kvmap.models.interface.InterfaceMemoryPort` implements it for every causal LM family)."""
 
     model: torch.nn.Module
     """The model with its LM head (``model(input_ids, cache=...)`` gives logits)."""
@@ -242,7 +242,7 @@ class ImportTrace:
 
 @dataclass
 class PortState:
-    """What every port's patched attention forwards read while the port is attached.
+    """What every port's attention code reads while the port is attached.
 
     Ports extend it with what their attention needs (:class:`kvmap.models.attend.RetrievalState` for
     causal LMs, which search the memory; :class:`kvmap.models.vit.PatchImportState` for ViTs, which

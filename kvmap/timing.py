@@ -12,7 +12,7 @@ def timed_greedy(port: MemoryPort, tokenizer, prompt_ids: list[int], max_new_tok
     """Greedy decoding of ``prompt_ids`` (one prefill forward, then one forward per token with the KV
     cache), importing from ``memory`` when given; stops at the EOS token.
 
-    Takes the same path as ``model.generate`` (the port's attention forward, the model's cache).
+    Takes the same path as ``model.generate`` (the port's attention function, the model's cache).
     """
     block = port.importing(memory, config) if memory is not None else contextlib.nullcontext()
     with block:

@@ -10,6 +10,7 @@ import torch
 from kvmap.errors import KVMapError
 from kvmap.models import port_for
 from kvmap.models.gemma import Gemma3MemoryPort
+from kvmap.models.interface import InterfaceMemoryPort
 from kvmap.models.llama import LlamaMemoryPort
 from kvmap.ports import ImportConfig
 from kvmap.rope import cos_sin, rotate, unrotate
@@ -67,14 +68,9 @@ def test_import_at_true_positions_reproduces_full_attention(window):
     assert true_placement_gap(Gemma3MemoryPort(tiny_gemma(window=window), model_id="tiny")) <= 1e-4
 
 
-def test_the_llama_port_alone_breaks_on_gemma():
-    """Why Gemma needs its own port: its rotary takes a layer type, so one rotary for all layers fails."""
-    model = tiny_gemma()
-    port = LlamaMemoryPort(model, model_id="tiny")
-    keys, values = _export(port, torch.randint(0, 128, (1, 10)))  # export needs no extra rotary: it works
-    with pytest.raises(TypeError):
-        with port.importing(BruteForceMemory(keys, values), ImportConfig.from_options(top_k=4)):
-            pass
+def test_the_llama_name_is_the_same_one_port_and_works_on_gemma():
+    """There is one port now: what was the Llama port reads Gemma's per-layer rotaries and windows too."""
+    assert true_placement_gap(LlamaMemoryPort(tiny_gemma(), model_id="tiny")) <= 1e-4
 
 
 def test_layer_rotary_reproduces_each_layers_own_cached_keys():
@@ -178,13 +174,11 @@ def _tiny_qwen(kind: str):
     return model_cls(cfg).eval()
 
 
-@pytest.mark.parametrize("make, cls", [(tiny_gemma, Gemma3MemoryPort), (tiny_llama, LlamaMemoryPort),
-                                       (lambda: _tiny_qwen("qwen2"), LlamaMemoryPort),
-                                       (lambda: _tiny_qwen("qwen3"), LlamaMemoryPort)])
-def test_port_for_picks_the_port_that_reproduces_full_attention(make, cls):
+@pytest.mark.parametrize("make", [tiny_gemma, tiny_llama, lambda: _tiny_qwen("qwen2"), lambda: _tiny_qwen("qwen3")])
+def test_port_for_gives_the_interface_port_that_reproduces_full_attention(make):
     model = make()
     port = port_for(model, "tiny")
-    assert type(port) is cls and port.model_id == "tiny"
+    assert type(port) is InterfaceMemoryPort and port.model_id == "tiny"
     ids = torch.randint(0, 128, (1, 30))
     with torch.no_grad():
         full = model(ids).logits[0, 20:]
@@ -195,7 +189,7 @@ def test_port_for_picks_the_port_that_reproduces_full_attention(make, cls):
 
 
 def test_port_for_refuses_an_unknown_model_type():
-    with pytest.raises(KVMapError, match="no port for model type 'gpt2'"):
+    with pytest.raises(KVMapError, match="no port proven for model type 'gpt2'"):
         port_for(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")))
 
 
@@ -207,7 +201,7 @@ def test_real_gemma_generates_the_same_tokens_while_exporting():
 
     lm = load_model("gemma3-270m")
     port = port_for(lm.model, lm.model_id)
-    assert isinstance(port, Gemma3MemoryPort) and port.layout.n_layers == 18
+    assert isinstance(port, InterfaceMemoryPort) and port.layout.n_layers == 18
     prompt = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     recorded = []
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Attention over [memories, local K/V] in one softmax: what a causal LM port's attention forward calls.
+"""Attention over [memories, local K/V] in one softmax: what the causal LM port's attention function calls.
 
 The three retrieval modes of :class:`kvmap.config.ImportConfig`, one path each, chosen when the port
 attaches (:attr:`RetrievalState.mode`):
@@ -59,6 +59,9 @@ class RetrievalState(PortState):
     checked_mask: list = field(default_factory=list)
     """[mask, has padding] of the last attention mask checked: layers of one forward share the mask object,
     so it is checked once per forward, not once per layer (shared by Gemma's per-layer views)."""
+    position_tables: list = field(default_factory=list)
+    """[position_ids, {(rotary, dtype): (cos, sin)}] of the current forward: the interface port undoes RoPE
+    with them, computed once per forward and rotary (:func:`kvmap.models.interface._position_cos_sin`)."""
     unrotated_scale: float = 1.0
     """The rotary's ``attention_scaling`` m: rotated queries and keys each carry it, so memories scored
     un-rotated (fixed placement) need it once more to get the m**2 of real attention."""
