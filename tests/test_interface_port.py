@@ -156,3 +156,17 @@ def test_partial_rotary_and_other_attention_implementations_are_refused_with_one
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(KVMapError, match="eager or sdpa"):
         InterfaceMemoryPort(model)
+
+
+def test_a_yarn_rotary_with_attention_scaling_is_undone_exactly():
+    """YaRN scales cos and sin by m != 1: rotating back must divide by m**2, or parity fails."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvmap.rope import cos_sin
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 128}
+    port = InterfaceMemoryPort(LlamaForCausalLM(LlamaConfig(head_dim=HEAD_DIM, rope_parameters=rope,
+                                                            **_common("eager"))).eval(), model_id="tiny")
+    assert cos_sin(port.rotary, torch.tensor(0), torch.zeros(()))[0][0] > 1.1  # the scaling is really there
+    assert true_placement_gap(port) < 1e-4

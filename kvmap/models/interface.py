@@ -38,7 +38,7 @@ from kvmap.models import attend as memory_attention
 from kvmap.models.adapter import adapter_active
 from kvmap.models.attend import RetrievalState
 from kvmap.ports import CausalLMPort, ImportConfig, ImportTrace, KVLayout, QueryRecorder, Recorder
-from kvmap.rope import cos_sin, rotate_half
+from kvmap.rope import cos_sin, unrotate
 
 IMPLEMENTATIONS = ("eager", "sdpa")
 """The model attention implementations the port wraps (``kvmap_<name>`` while attached)."""
@@ -143,12 +143,15 @@ class _Attached:
     original: object
     """The model's attention function this call stands in for (the family's eager, or sdpa)."""
     port: "InterfaceMemoryPort"
+    site: AttentionSite | None = None
+    """Made at the layer's first import call (its scaling is the one the module passes)."""
 
 
-def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE exactly, also when cos/sin carry an ``attention_scaling`` m (cos**2 + sin**2 = m**2):
-    ``(x cos - rotate_half(x) sin) / m**2``. Shapes broadcast: x (B, H, T, d), cos and sin (T, d)."""
-    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+def _inverse_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the rotation that undoes RoPE exactly, also when cos/sin carry an ``attention_scaling`` m
+    (cos**2 + sin**2 = m**2): ``cos / m**2``, ``sin / m**2``, to use as ``x cos' - rotate_half(x) sin'``."""
+    norm = cos * cos + sin * sin
+    return cos / norm, sin / norm
 
 
 def kvmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -177,10 +180,10 @@ def kvmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if position_ids is None:
         raise KVMapError(f"{type(module).__name__} did not pass position_ids to its attention function; kvmap needs "
                          "them to undo RoPE (pass position_ids, or use a model whose decoder layers pass them)")
-    cos, sin = _position_cos_sin(state, position_ids[0], query)  # (T, d), as the module rotated by
-    q = _unrotate(query, cos, sin)  # (B, Hq, T, d) pre-RoPE
+    cos, sin = _position_cos_sin(state, position_ids[0], query)  # (T, d): undoes what the module rotated by
+    q = unrotate(query, cos, sin)  # (B, Hq, T, d) pre-RoPE
     if state.recorder is not None:
-        new_keys = _unrotate(key[:, :, -t:], cos, sin)  # (B, Hkv, T, d)
+        new_keys = unrotate(key[:, :, -t:], cos, sin)  # (B, Hkv, T, d)
         state.recorder(view.layer, new_keys, value[:, :, -t:])
         if isinstance(state.recorder, QueryRecorder):
             state.recorder.record_queries(view.layer, q)
@@ -196,8 +199,10 @@ def kvmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                          "pass the sequence without padding")
     if isinstance(state.memory, _WindowedMemory):
         state.memory.positions = position_ids.reshape(-1)
-    site = AttentionSite(view.layer, scaling if scaling is not None else module.scaling, sliding_window)
-    return memory_attention._attend_with_memory(site, state, q, query, key, value), None
+    scaling = scaling if scaling is not None else module.scaling
+    if view.site is None or view.site.scaling != scaling:
+        view.site = AttentionSite(view.layer, scaling, sliding_window)
+    return memory_attention._attend_with_memory(view.site, state, q, query, key, value), None
 
 
 def _plain(module: nn.Module):
@@ -216,14 +221,15 @@ def _original(module: nn.Module, name: str):
 
 
 def _position_cos_sin(state: RetrievalState, positions: torch.Tensor, like: torch.Tensor):
-    """cos, sin (T, d) of ``state.rotary`` at ``positions`` in ``like``'s dtype; computed once per forward and
-    rotary (every layer of a forward gets the same position_ids tensor; its identity is the cache key)."""
+    """The inverse rotation's cos, sin (T, d) of ``state.rotary`` at ``positions`` in ``like``'s dtype
+    (:func:`_inverse_tables`); computed once per forward and rotary (every layer of a forward gets the same
+    position_ids tensor; its identity is the cache key)."""
     cache = state.position_tables
     if not cache or cache[0] is not positions:
         cache[:] = [positions, {}]
     key = (id(state.rotary), like.dtype)
     if key not in cache[1]:
-        cache[1][key] = cos_sin(state.rotary, positions, like)
+        cache[1][key] = _inverse_tables(*cos_sin(state.rotary, positions, like))
     return cache[1][key]
 
 
