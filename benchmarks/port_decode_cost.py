@@ -29,11 +29,6 @@ DEFAULT_OLD = "28d030e"
 def worker(tree: str, memory_dir: str, steps: int) -> dict:
     """Time decode steps with the kvmap found in ``tree`` (run in a fresh process)."""
     sys.path.insert(0, tree)
-    import contextlib
-    import time
-
-    import torch
-
     import kvmap
     from kvmap.data import grimm_tales
     from kvmap.models.loading import load_model
@@ -52,18 +47,14 @@ def worker(tree: str, memory_dir: str, steps: int) -> dict:
     memory = Memory.open(folder)
     prompt = lm.tokenizer("Who found the golden ball, and where did it fall?", add_special_tokens=False)["input_ids"]
 
-    def decode_ms(config) -> float:
-        block = lm.port.importing(memory, config) if config is not None else contextlib.nullcontext()
-        with torch.no_grad(), block:
-            cache = lm.model(torch.tensor(prompt)[None], use_cache=True).cache
-            began = time.perf_counter()
-            for _ in range(steps):
-                cache = lm.model(torch.tensor([[5]]), cache=cache, use_cache=True).cache
-            return (time.perf_counter() - began) / steps * 1000
+    from decode_overhead import decode_ms  # beside this script; imports kvmap from `tree`, now first on the path
 
-    decode_ms(None)  # warm up (kernel build, first allocations)
+    def ms(config) -> float:
+        return decode_ms(lm, prompt, memory if config is not None else None, config, steps)
+
+    ms(None)  # warm up (kernel build, first allocations)
     return {"port": type(lm.port).__module__, "memory_tokens": memory.n_tokens,
-            "none": decode_ms(None), "token-import": decode_ms(ImportConfig()), "scale-1m": decode_ms(preset("scale-1m"))}
+            "none": ms(None), "token-import": ms(ImportConfig()), "scale-1m": ms(preset("scale-1m"))}
 
 
 def main() -> None:

@@ -197,3 +197,29 @@ def test_the_scale_section_reports_the_cold_start(tmp_path):
         "rows": [{}, {}, {}], "cold_s": 12.0, "warm_s": 5.0, "cold_over_warm": 2.4}))
     text = "\n".join(scale_section(scale, tmp_path / "out"))
     assert "`reuse=256:reuse_probe=32`" in text and "cold 12.0 s, warm" in text and "2.4× warm" in text
+
+
+def test_the_port_section_compares_on_the_examples_both_ports_answered(tmp_path):
+    import json
+
+    from kvmap.eval.report_port import port_section
+
+    method = "kvmap:local=4096"
+    port, grid = tmp_path / "port", tmp_path / "grid"
+    (port / "passkey-16k").mkdir(parents=True)
+    (grid / "passkey").mkdir(parents=True)
+    (port / "passkey-16k" / "config.yaml").write_text(f"task: passkey\nmethods:\n- {method}\n")
+
+    def rows(scores):
+        return "".join(json.dumps({"id": i, "method": method, "length": 16000, "score": s}) + "\n"
+                       for i, s in scores.items())
+
+    (port / "passkey-16k" / "predictions.jsonl").write_text(rows({"a": 1.0, "b": 1.0, "c": 0.0}))
+    (grid / "passkey" / "predictions.jsonl").write_text(rows({"a": 1.0, "b": 0.0, "d": 1.0}))
+    (port / "decode_cost.json").write_text(json.dumps({
+        "settings": {"rounds": 2, "order": "ABBA", "steps": 8, "memory_tokens": 100, "threads": 2, "old_commit": "x"},
+        "decode_ms_median": {"old": {"none": 40.0}, "new": {"none": 42.0}}, "new_over_old": {"none": 1.05}}))
+    text = "\n".join(port_section(port, grid))
+    assert "| none | 40.0 | 42.0 | 1.050 |" in text
+    assert "| old (runs/grid/passkey) | 1/2 " in text and "| new (runs/port/passkey-16k) | 2/2 " in text
+    assert "Same score on 1 of 2 examples." in text

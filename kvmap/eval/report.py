@@ -45,7 +45,8 @@ def build_report(runs: Path, out: Path) -> str:
     """Write ``out`` (markdown) and its plots (under ``docs/plots`` beside it) from the run files under ``runs``."""
     grid_runs = sorted(f.parent for f in runs.rglob("config.yaml")  # runs of the generic harness
                        if (f.parent / "predictions.jsonl").exists()
-                       and (runs / "scale") not in f.parents)  # the scale section reports those
+                       and (runs / "scale") not in f.parents  # the scale section reports those
+                       and (runs / "port") not in f.parents)  # and the port section these
     from kvmap.eval.claims import fill_claims
     from kvmap.eval.report_grid import grid_sections, load_sections
 
@@ -72,6 +73,10 @@ def build_report(runs: Path, out: Path) -> str:
         from kvmap.eval.report_scale import scale_section
 
         lines += scale_section(runs / "scale", out.parent)
+    if (runs / "port").is_dir():
+        from kvmap.eval.report_port import port_section
+
+        lines += port_section(runs / "port", runs / "grid")
     tuned = sorted(f.parent for f in runs.glob("finetune/*/training.json"))
     if tuned:
         from kvmap.eval.report_finetune import finetune_section

@@ -214,7 +214,11 @@ def _plain(module: nn.Module):
 def _original(module: nn.Module, name: str):
     """The family's own attention function ``name`` (eager lives in each model's modeling file)."""
     if name == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise KVMapError(f"{type(module).__name__}'s modeling file has no eager_attention_forward; load the model "
+                             "with attn_implementation='sdpa'")
+        return eager
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS[name]
