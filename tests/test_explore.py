@@ -143,3 +143,39 @@ def test_the_cli_names_the_explorer_and_binds_locally_by_default():
     out = run_cli("explore", "--help")
     help_text = out.stdout.decode()
     assert out.returncode == 0 and "127.0.0.1" in help_text and "--max-bytes" in help_text
+
+
+def test_kvmap_explore_serves_the_page_on_localhost_until_interrupted(tmp_path):
+    """The command itself: it creates the memory folder, serves on 127.0.0.1, and stops cleanly on Ctrl-C."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.test_cli import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kvmap.cli", "explore", "--memory", str(tmp_path / "mem"),
+                             "--port", str(port)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, info = time.monotonic() + 180, None
+        while info is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/memory", timeout=5) as response:
+                    info = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert info is not None, proc.stderr.read().decode() if proc.poll() is not None else "no answer in 180 s"
+        assert info["n_tokens"] == 0 and info["sources"] == [] and (tmp_path / "mem" / "manifest.json").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out.decode()
+    assert "Traceback" not in err.decode(), err.decode()
