@@ -175,6 +175,23 @@ async def _in_thread(fn, *args):
     return await run_in_threadpool(fn, *args)
 
 
+def check_address(host: str, port: int) -> None:
+    """InputError (one line) unless the server could listen on ``host:port``: checked before the model loads,
+    so a port in use or a bad address is said at once, not after a minute and as a traceback."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port must be 1-65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as err:
+        raise InputError(f"cannot serve on {host}:{port} ({err.strerror or err}); choose another --port or --host") \
+            from None
+
+
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve the page until Ctrl-C."""
     import uvicorn

@@ -179,3 +179,17 @@ def test_kvmap_explore_serves_the_page_on_localhost_until_interrupted(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/" in out.decode()
     assert "Traceback" not in err.decode(), err.decode()
+
+
+def test_a_bad_or_busy_address_is_one_line_before_the_model_loads(tmp_path):
+    import socket
+
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("explore", "--memory", str(tmp_path / "m"), "--port", "70000"), "--port must be")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        assert_one_line_error(run_cli("explore", "--memory", str(tmp_path / "m"), "--port", str(taken)),
+                              f"127.0.0.1:{taken}", "choose another --port")

@@ -318,11 +318,11 @@ def add_forget_info(sub) -> None:
 # -- explore -------------------------------------------------------------------------------------
 
 def cmd_explore(args) -> int:
-    from kvmap.explore import Explorer, serve
+    from kvmap.explore import Explorer, check_address, serve
     from kvmap.stores import Memory
 
-    at_least("--port", args.port, 1)
     at_least("--max-bytes", args.max_bytes, 1)
+    check_address(args.host, args.port)
     folder = checks.memory_folder(args.memory, create=True)
     model = args.model
     if model is None and (folder / "manifest.json").exists():
