@@ -58,7 +58,7 @@ class RetrievalState(PortState):
     rotated to their placement (chosen at each prompt forward, kept while decoding)."""
     checked_mask: list = field(default_factory=list)
     """[mask, has padding] of the last attention mask checked: layers of one forward share the mask object,
-    so it is checked once per forward, not once per layer (shared by Gemma's per-layer views)."""
+    so it is checked once per forward, not once per layer (shared by the per-layer views)."""
     position_tables: list = field(default_factory=list)
     """[position_ids, {(rotary, dtype): (cos, sin)}] of the current forward: the interface port undoes RoPE
     with them, computed once per forward and rotary (:func:`kvmap.models.interface._position_cos_sin`)."""
