@@ -208,7 +208,7 @@ def test_the_port_section_compares_on_the_examples_both_ports_answered(tmp_path)
     port, grid = tmp_path / "port", tmp_path / "grid"
     (port / "passkey-16k").mkdir(parents=True)
     (grid / "passkey").mkdir(parents=True)
-    (port / "passkey-16k" / "config.yaml").write_text(f"task: passkey\nmethods:\n- {method}\n")
+    (port / "passkey-16k" / "config.yaml").write_text(f"task: passkey\nmethods:\n- {method}\ntask_options:\n  part: test\n")
 
     def rows(scores):
         return "".join(json.dumps({"id": i, "method": method, "length": 16000, "score": s}) + "\n"
@@ -219,7 +219,7 @@ def test_the_port_section_compares_on_the_examples_both_ports_answered(tmp_path)
     (port / "decode_cost.json").write_text(json.dumps({
         "settings": {"rounds": 2, "order": "ABBA", "steps": 8, "memory_tokens": 100, "threads": 2, "old_commit": "x"},
         "decode_ms_median": {"old": {"none": 40.0}, "new": {"none": 42.0}}, "new_over_old": {"none": 1.05}}))
-    text = "\n".join(port_section(port, grid))
+    text = "\n".join(port_section(port))
     assert "| none | 40.0 | 42.0 | 1.050 |" in text
     assert "| old (runs/grid/passkey) | 1/2 " in text and "| new (runs/port/passkey-16k) | 2/2 " in text
-    assert "Same score on 1 of 2 examples." in text
+    assert "Same score on 1 of 2 examples." in text and "test part" in text

@@ -76,7 +76,7 @@ def build_report(runs: Path, out: Path) -> str:
     if (runs / "port").is_dir():
         from kvmap.eval.report_port import port_section
 
-        lines += port_section(runs / "port", runs / "grid")
+        lines += port_section(runs / "port")
     tuned = sorted(f.parent for f in runs.glob("finetune/*/training.json"))
     if tuned:
         from kvmap.eval.report_finetune import finetune_section

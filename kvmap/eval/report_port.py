@@ -2,8 +2,8 @@
 attention forward cost and changed, measured against the port it replaced.
 
 - ``decode_cost.json`` (``benchmarks/port_decode_cost.py``): decode ms/token, old and new port in one run.
-- ``passkey-16k/`` (``kvmap eval passkey --part test``): the new port's answers on test examples the grid
-  answered with the old port (``runs/grid/passkey``, same method): compared on the ids both have.
+- ``passkey-16k*/`` (``kvmap eval passkey``): the new port's answers on examples the old port answered with the
+  same method (:data:`OLD_PORT_RUNS`: the test-part grid, the dev-part passkey run), on the ids both have.
 """
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from pathlib import Path
 import yaml
 
 from kvmap.stats import wilson
+
+
+OLD_PORT_RUNS = ("grid/passkey", "passkey-16k")
+"""Run folders (under runs/) the old port answered passkeys in: the test-part grid, the dev-part passkey run."""
 
 
 def _rows(path: Path, method: str, length: int) -> dict[str, float]:
@@ -27,7 +31,7 @@ def _rate(scores: list[float]) -> str:
     return f"{hits}/{n} ({100 * hits / max(n, 1):.0f}% [{100 * lo:.0f}, {100 * hi:.0f}])"
 
 
-def port_section(port_runs: Path, grid: Path) -> list[str]:
+def port_section(port_runs: Path) -> list[str]:
     lines = ["## One port through transformers' attention interface", "",
              "The causal-LM port now works inside the attention function transformers calls "
              "(`kvmap/models/interface.py`) instead of swapping in a copy of Llama's attention forward. "
@@ -46,19 +50,26 @@ def port_section(port_runs: Path, grid: Path) -> list[str]:
             old, new = r["decode_ms_median"]["old"][mode], r["decode_ms_median"]["new"][mode]
             lines.append(f"| {mode} | {old:.1f} | {new:.1f} | {ratio:.3f} |")
         lines.append("")
-    run = port_runs / "passkey-16k"
-    if (run / "predictions.jsonl").exists() and (grid / "passkey" / "predictions.jsonl").exists():
-        for method in yaml.safe_load((run / "config.yaml").read_text())["methods"]:
+    for run in sorted(port_runs.glob("passkey-16k*")):
+        if not (run / "predictions.jsonl").exists():
+            continue
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        part = (config.get("task_options") or {}).get("part", "dev")
+        for method in config["methods"]:
             new = _rows(run / "predictions.jsonl", method, 16000)
-            old = _rows(grid / "passkey" / "predictions.jsonl", method, 16000)
-            both = sorted(set(new) & set(old))
+            for earlier in OLD_PORT_RUNS:
+                old_file = port_runs.parent / earlier / "predictions.jsonl"
+                old = _rows(old_file, method, 16000) if old_file.exists() else {}
+                both = sorted(set(new) & set(old))
+                if both:
+                    break
             if not both:
                 continue
             same = sum(new[i] == old[i] for i in both)
-            lines += [f"Passkey at 16k tokens, test part, `{method}` (the chosen passkey setting), on the "
-                      f"{len(both)} examples both ports answered (95% Wilson intervals):", "",
+            lines += [f"Passkey at 16k tokens, {part} part, `{method}`, on the {len(both)} examples both ports "
+                      "answered (95% Wilson intervals):", "",
                       "| port | passkeys found |", "|---|---|",
-                      f"| old (runs/grid/passkey) | {_rate([old[i] for i in both])} |",
-                      f"| new (runs/port/passkey-16k) | {_rate([new[i] for i in both])} |", "",
+                      f"| old (runs/{earlier}) | {_rate([old[i] for i in both])} |",
+                      f"| new (runs/port/{run.name}) | {_rate([new[i] for i in both])} |", "",
                       f"Same score on {same} of {len(both)} examples.", ""]
     return lines

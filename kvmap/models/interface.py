@@ -180,7 +180,7 @@ def kvmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if position_ids is None:
         raise KVMapError(f"{type(module).__name__} did not pass position_ids to its attention function; kvmap needs "
                          "them to undo RoPE (pass position_ids, or use a model whose decoder layers pass them)")
-    cos, sin = _position_cos_sin(state, position_ids[0], query)  # (T, d): undoes what the module rotated by
+    cos, sin = _position_cos_sin(state, position_ids, query)  # (T, d): undoes what the module rotated by
     q = unrotate(query, cos, sin)  # (B, Hq, T, d) pre-RoPE
     if state.recorder is not None:
         new_keys = unrotate(key[:, :, -t:], cos, sin)  # (B, Hkv, T, d)
@@ -224,16 +224,16 @@ def _original(module: nn.Module, name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _position_cos_sin(state: RetrievalState, positions: torch.Tensor, like: torch.Tensor):
+def _position_cos_sin(state: RetrievalState, position_ids: torch.Tensor, like: torch.Tensor):
     """The inverse rotation's cos, sin (T, d) of ``state.rotary`` at ``positions`` in ``like``'s dtype
     (:func:`_inverse_tables`); computed once per forward and rotary (every layer of a forward gets the same
-    position_ids tensor; its identity is the cache key)."""
+    position_ids tensor (B, T); its identity is the cache key, and the cache holds it, so the id is not reused)."""
     cache = state.position_tables
-    if not cache or cache[0] is not positions:
-        cache[:] = [positions, {}]
+    if not cache or cache[0] is not position_ids:
+        cache[:] = [position_ids, {}]
     key = (id(state.rotary), like.dtype)
     if key not in cache[1]:
-        cache[1][key] = _inverse_tables(*cos_sin(state.rotary, positions, like))
+        cache[1][key] = _inverse_tables(*cos_sin(state.rotary, position_ids[0], like))
     return cache[1][key]
 
 
