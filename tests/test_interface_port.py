@@ -170,3 +170,30 @@ def test_a_yarn_rotary_with_attention_scaling_is_undone_exactly():
                                                             **_common("eager"))).eval(), model_id="tiny")
     assert cos_sin(port.rotary, torch.tensor(0), torch.zeros(()))[0][0] > 1.1  # the scaling is really there
     assert true_placement_gap(port) < 1e-4
+
+
+def test_a_module_passing_another_window_than_its_attribute_gets_a_view_for_that_window():
+    """The window each call passes is the truth: a view made for the attribute's window is remade from the
+    attach's state (so a layer that imported nothing at its guessed window still sees the memory)."""
+    model = tiny("mistral")
+    model.config.sliding_window = None  # what Mistral passes to its attention function
+    port = InterfaceMemoryPort(model, model_id="tiny")
+    for attn in port.attentions:  # an attribute Mistral's forward does not read, but the port's guess does
+        attn.sliding_window = WINDOW
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(2))
+    prefix = 20
+    with torch.no_grad():
+        memory = BruteForceMemory(*export_kv(port, ids[:, :prefix]))
+        full = model(ids).logits[0, prefix:]
+        with port.importing(memory, ImportConfig.from_options(top_k=prefix, placement="true")):
+            pos = torch.arange(prefix, 30)[None]
+            got = model(ids[:, prefix:], position_ids=pos, use_cache=False).logits[0]
+    assert (got - full).abs().max() < 1e-4
+
+
+def test_a_batch_whose_rows_have_other_positions_is_refused():
+    model = tiny("llama")
+    port = InterfaceMemoryPort(model, model_id="tiny")
+    ids = torch.randint(0, 128, (2, 6))
+    with pytest.raises(KVMapError, match="share positions"), torch.no_grad():
+        export_kv(port, ids, position_ids=torch.stack([torch.arange(6), torch.arange(1, 7)]))

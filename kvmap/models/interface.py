@@ -138,6 +138,8 @@ class _Attached:
     and window), how to run the model's own attention, and what the last call's positions rotated by."""
 
     state: RetrievalState
+    root: RetrievalState
+    """The attach's state this layer's view was made from (a view is remade from it, never from a view)."""
     layer: int
     window: int | None
     original: object
@@ -168,7 +170,7 @@ def kvmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         return _plain(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               sliding_window=sliding_window, **kwargs)
     if sliding_window != view.window:  # the module passes another window than its attribute said
-        view = view.port._view(view.state, view.layer, sliding_window)
+        view = view.port._view(view.root, view.layer, sliding_window)
         module._kvmap_view = view
     state = view.state
     b, _, t, _ = query.shape
@@ -180,6 +182,9 @@ def kvmap_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if position_ids is None:
         raise KVMapError(f"{type(module).__name__} did not pass position_ids to its attention function; kvmap needs "
                          "them to undo RoPE (pass position_ids, or use a model whose decoder layers pass them)")
+    if position_ids.shape[0] > 1 and not bool((position_ids == position_ids[:1]).all()):
+        raise KVMapError("kvmap reads a batch only when its rows share positions (no left padding); pass the "
+                         "sequences one at a time")
     cos, sin = _position_cos_sin(state, position_ids, query)  # (T, d): undoes what the module rotated by
     q = unrotate(query, cos, sin)  # (B, Hq, T, d) pre-RoPE
     if state.recorder is not None:
@@ -324,7 +329,7 @@ class InterfaceMemoryPort(CausalLMPort):
         original = _original(self.attentions[layer], self.implementation)
         rotary = self.layer_rotary(layer)
         if rotary is state.rotary and window is None:
-            return _Attached(state, layer, window, original, self)
+            return _Attached(state, state, layer, window, original, self)
         device = next(self.model.parameters()).device
         distance = torch.tensor(state.config.distance)
         query_cos_sin = {dtype: cos_sin(rotary, distance, torch.zeros((), dtype=dtype, device=device))
@@ -342,7 +347,7 @@ class InterfaceMemoryPort(CausalLMPort):
         else:  # rotation caches are the rotary's own; the rest is shared
             layer_state = dataclasses.replace(state, rotary=rotary, query_cos_sin=query_cos_sin, memory=memory,
                                               age_cos_sin={}, rotations={})
-        return _Attached(layer_state, layer, window, original, self)
+        return _Attached(layer_state, state, layer, window, original, self)
 
     def _configs(self) -> list:
         """Every config object the attention modules read ``_attn_implementation`` from (usually one)."""
