@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="print the slices and their estimated hours, run nothing")
     parser.add_argument("--lengths", type=comma_ints, help="only these lengths of each slice's cells, e.g. 4k,16k (default: all)")
     args = parser.parse_args(argv)
+    # A shell starts a background job with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # restore it, so that `kill -INT` stops a background slice the way Ctrl-C does (rows and cost kept).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.plan:
         print("\n".join(plan()))
         return 0
