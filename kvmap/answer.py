@@ -1,12 +1,14 @@
 """Ask a question with (or without) memory: prompt building, generation, and provenance of what came back."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from kvmap.errors import InputError
+from kvmap.models.adapter import adapter_active
 from kvmap.models.loading import LoadedModel
 from kvmap.ports import ImportConfig, ImportTrace, MemoryEntry, MemoryPort
 from kvmap.presets import preset
@@ -148,11 +150,14 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
         blocks = top_blocks(scores, config.blocks.n_blocks, size, memory.n_tokens)
     before, after = context_prompt(tok, question)
     ids = block_tokens(blocks, size, memory.n_tokens)  # (M,) memory ids in reading order
-    if recompute:
-        text = greedy(lm.model, tok, before + memory.token_ids()[ids.numpy()].tolist() + after, max_new_tokens).text
-    else:
-        cache, _ = spliced_cache(port, memory, before, ids)
-        text = greedy(lm.model, tok, after, max_new_tokens, cache).text
+    # the memory adapter (if the model has one, and unless config.adapter is off) reads the blocks and answers,
+    # as `kvmap finetune --mode splice` trained it; the memory itself stays the base model's
+    with adapter_active(lm.model) if config.adapter else contextlib.nullcontext():
+        if recompute:
+            text = greedy(lm.model, tok, before + memory.token_ids()[ids.numpy()].tolist() + after, max_new_tokens).text
+        else:
+            cache, _ = spliced_cache(port, memory, before, ids)
+            text = greedy(lm.model, tok, after, max_new_tokens, cache).text
     text = text.strip()
     return text, describe_blocks(memory, blocks, [float(scores[b]) for b in blocks], size)
 

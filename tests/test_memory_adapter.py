@@ -242,14 +242,15 @@ def test_adapter_0_imports_with_the_base_model(adapted):
         ImportConfig(adapter=2)
 
 
-def test_ask_refuses_an_adapter_where_nothing_is_imported():
+def test_ask_refuses_an_adapter_where_no_memory_is_read():
     from kvmap.cli import build_parser
     from kvmap.cli.memory_commands import ask_config
 
-    args = build_parser().parse_args(["ask", "who?", "--memory", "m", "--adapter", "a"])
-    with pytest.raises(InputError, match="--adapter acts only while memories are imported"):
+    args = build_parser().parse_args(["ask", "who?", "--memory", "m", "--adapter", "a", "--no-memory"])
+    with pytest.raises(InputError, match="--adapter acts only while the model answers from memory"):
         ask_config(args)
-    ask_config(build_parser().parse_args(["ask", "who?", "--memory", "m", "--adapter", "a", "--mode", "import"]))
+    for mode in ("import", "splice", "import-bm25"):  # spliced blocks are read with the adapter on too
+        ask_config(build_parser().parse_args(["ask", "who?", "--memory", "m", "--adapter", "a", "--mode", mode]))
 
 
 def test_finetune_cli_refuses_bad_numbers(capsys):
@@ -306,3 +307,81 @@ def test_the_instruction_can_start_the_memory(tuning_data):
     expected = with_instruction._instruction_piece()[1][0][1]  # layer 1 keys of the exported instruction, (n, H, d)
     assert torch.allclose(ex.memory.kv(1)[0][0, :, :n].transpose(0, 1), torch.from_numpy(expected).float())
     assert plain.memory.n_tokens > 0
+
+
+# -- splice mode: the adapter learns to answer from spliced blocks, as `kvmap ask` answers -----------------
+
+@pytest.fixture(scope="module")
+def splice_data(tuning_data):
+    from dataclasses import replace
+
+    from kvmap.training.memory_data import TuningData
+
+    lm, data = tuning_data
+    settings = replace(data.settings, mode="splice", babi_share=0.3)
+    return lm, TuningData(lm, data.pool, [s for s, _ in data.stories], settings)
+
+
+def test_splice_examples_put_the_bm25_blocks_between_the_local_context_and_the_question(splice_data):
+    from collections import Counter
+
+    lm, data = splice_data
+    tok = lm.tokenizer
+    kinds, found, facts = Counter(), 0, 0
+    for i in range(40):
+        ex = data.example("train", i)
+        kinds[ex.kind] += 1
+        ids, texts = ex.splice_ids, ex.memory.token_texts()
+        assert ids.numel() <= 8 * 64 and (ids.numel() == 0 or int(ids.max()) < ex.memory.n_tokens)
+        assert bool((ids[1:] > ids[:-1]).all())  # reading order, each token once
+        assert len(texts) == ex.memory.n_tokens and "<entry" not in texts[0]  # BM25 ranked real text
+        after = tok.decode(ex.prompt_ids[ex.splice_at:])
+        if ex.kind == "fact":
+            value = re.search(r"\d{6}", tok.decode(ex.target_ids)).group()
+            assert "?" in after and value not in after  # the question follows the blocks; the answer is not given
+            if ex.answer_in_memory:
+                facts += 1
+                found += value in "".join(texts[j] for j in ids.tolist())
+        else:  # chat prompts: the blocks go inside <context>, the question after it, the turn ends after the answer
+            assert after.lstrip().startswith("</context>") and "Question:" in after
+            assert ex.target_ids[-1] == tok.eos_token_id
+        if ex.kind == "babi":
+            answer = tok.decode(ex.target_ids[:-1])
+            assert re.fullmatch(r"The (most recent location of \w+ is \w+|[\w ]+ is in the \w+)\.", answer), answer
+    assert kinds["babi"] and kinds["qa"] and kinds["fact"]
+    assert found >= facts // 2 > 0  # BM25 finds most planted facts by the question's words
+
+
+def test_splice_training_steps_lower_the_loss_and_leave_the_memory_alone(splice_data):
+    from kvmap.models.loading import LoadedModel
+    from kvmap.training.memory_tuning import MemoryTuning
+
+    lm, data = splice_data
+    model = copy.deepcopy(lm.model)
+    tuned = LoadedModel(model=model, tokenizer=lm.tokenizer, model_id=lm.model_id)
+    params = add_adapter(model, AdapterSettings(rank=4))
+    module = MemoryTuning(tuned, params, data)
+    ex = next(e for e in (data.example("train", i) for i in range(20)) if e.kind == "qa" and e.splice_ids.numel())
+    stored = ex.memory.kv(1)[0].clone()
+    opt = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss, _ = module.example_loss(ex)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert torch.equal(ex.memory.kv(1)[0], stored)  # the spliced memories are what the base model wrote
+    assert all(layer.disable_adapters for layer in model._kvmap_lora_layers)  # off again after each step
+
+
+def test_baselines_take_the_adapter_switch():
+    from kvmap.eval.methods import check_methods, uses_adapter
+
+    assert uses_adapter("oracle:adapter=1") and uses_adapter("rag-bm25:budget=512:adapter=1")
+    assert uses_adapter("kvmap-splice-bm25:local=0:adapter=1") and not uses_adapter("oracle")
+    check_methods(["oracle:adapter=1", "none:adapter=0", "truncate:adapter=1", "rag-embed:adapter=1"])
+    for bad in (["oracle:adapter=2"], ["full:adapter=1"], ["streaming:adapter=1"]):
+        with pytest.raises(InputError):
+            check_methods(bad)

@@ -137,9 +137,9 @@ def ask_config(args):
 
     flags = {**TOKEN_FLAGS, **REUSE_FLAGS, **BLOCK_FLAGS}
     typed = given(args, flags)
-    if getattr(args, "adapter", None) and not args.mode.startswith("import"):
-        raise InputError(f"--adapter acts only while memories are imported; with --mode {args.mode} it would "
-                         "change nothing: add --mode import or drop --adapter")
+    if getattr(args, "adapter", None) and getattr(args, "no_memory", False):
+        raise InputError("--adapter acts only while the model answers from memory; with --no-memory it would "
+                         "change nothing: drop one of them")
     if args.mode in SPLICE_ALLOWS:
         ignored = [name for name in typed if name not in SPLICE_ALLOWS[args.mode]]
         if ignored:
@@ -225,7 +225,8 @@ def add_ask(sub) -> None:
     a.add_argument("question")
     a.add_argument("--memory", required=True)
     a.add_argument("--model", help="defaults to the model that made the memory")
-    a.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`), active while memories are imported")
+    a.add_argument("--adapter", help="a memory adapter folder (`kvmap finetune`), active while the model answers from memory "
+                        "(imported, or spliced into the prompt)")
     a.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
     a.add_argument("--no-memory", action="store_true", help="answer without importing memories (baseline)")
     a.add_argument("--json", action="store_true", help="print one JSON object {answer, memories}")

@@ -85,7 +85,11 @@ def cmd_finetune(args) -> int:
     settings = AdapterSettings(rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))
     if not 0 <= args.instruction_in_memory <= 1:
         raise InputError(f"--instruction-in-memory is a share, 0 to 1, got {args.instruction_in_memory}")
-    data = DataSettings(n_stories=args.stories, seed=args.seed, instruction_in_memory=args.instruction_in_memory)
+    for name in ("babi_share", "fact_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise InputError(f"--{name.replace('_', '-')} is a share, 0 to 1, got {getattr(args, name)}")
+    data = DataSettings(n_stories=args.stories, seed=args.seed, instruction_in_memory=args.instruction_in_memory,
+                        mode=args.mode, babi_share=args.babi_share, fact_share=args.fact_share)
     folder = finetune(Path(args.out).expanduser(), args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, settings=settings, data_settings=data, n_val=args.n_val, val_every=args.val_every)
     print(f"wrote {folder} (use it with --adapter {folder}); curves in {Path(args.out) / 'training.png'}")
@@ -94,10 +98,11 @@ def cmd_finetune(args) -> int:
 
 def _add_finetune(sub) -> None:
     from kvmap.models.adapter import AdapterSettings
+    from kvmap.training.memory_data import DataSettings
 
     defaults = AdapterSettings()
-    f = sub.add_parser("finetune", help="train a memory adapter (LoRA, active only while importing memories) with "
-                                        "memory import in the forward pass, on FairytaleQA train stories")
+    f = sub.add_parser("finetune", help="train a memory adapter (LoRA, active only while answering from memory) with "
+                                        "memory (imported or spliced) in the forward pass, on FairytaleQA train stories")
     f.add_argument("--out", default="runs/finetune/memory-adapter", help="run folder; a stopped run resumes from it")
     f.add_argument("--model", help="built-in name or local checkpoint folder (default: smollm2-135m)")
     f.add_argument("--steps", type=int, default=500, help="optimizer steps (500)")
@@ -111,6 +116,14 @@ def _add_finetune(sub) -> None:
     f.add_argument("--val-every", type=int, default=50, help="validate and checkpoint every N steps (50)")
     f.add_argument("--instruction-in-memory", type=float, default=0.0,
                    help="share of fact examples whose memory starts with the instruction, as NIAH's context does (0)")
+    f.add_argument("--mode", choices=("import", "splice"), default="import",
+                   help="answer from the seed's token-level import (import, the default) or from the BM25-chosen blocks "
+                        "spliced into the prompt, as `kvmap ask` answers (splice)")
+    f.add_argument("--babi-share", type=float, default=0.0,
+                   help="share of examples with bAbI qa1/qa2 *train* facts planted in a story (0)")
+    f.add_argument("--fact-share", type=float, default=DataSettings.fact_share,
+                   help=f"share of planted-fact examples among the others; the rest are FairytaleQA train questions "
+                        f"({DataSettings.fact_share})")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_finetune)
 

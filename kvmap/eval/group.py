@@ -19,6 +19,7 @@ from kvmap.eval.methods import (BASELINE_OPTIONS, KVMAP_PRESETS, KVMAP_RUNNER_OP
                                 parse_method, yarn_rope)
 from kvmap.eval.scoring import contains_answer
 from kvmap.eval.tasks import Example
+from kvmap.models.adapter import adapter_active
 from kvmap.ports import ImportConfig
 from kvmap.presets import SPLICE
 
@@ -167,6 +168,10 @@ class GroupRunner:
                                stride=options.get("bm25_stride", KVMAP_RUNNER_OPTIONS["bm25_stride"]),
                                tail_in_memory=bool(options.get("tail_in_memory", KVMAP_RUNNER_OPTIONS["tail_in_memory"])))
         opts = {**BASELINE_OPTIONS.get(base, {}), **options}
+        with adapter_active(self.model) if opts.get("adapter") else contextlib.nullcontext():
+            return self._baseline(base, opts)
+
+    def _baseline(self, base: str, opts: dict) -> list[Generation | str]:
         if base == "none":
             return [self._plain(ex, None) for ex in self.examples]
         if base == "oracle":
@@ -314,10 +319,19 @@ class GroupRunner:
         over them. ``in_view`` (bm25): only memory blocks BM25 ranks above every block of the kept tail. ``stride``
         (bm25): blocks start every ``stride`` tokens, overlapping (0: they do not). ``recompute``: the chosen
         blocks are read again as tokens instead of spliced as stored K/V (see :meth:`_spliced_answer`)."""
+        blocks = config.blocks
+        # the memory is read first, by the base model (a memory holds what the base model wrote); then the adapter,
+        # with adapter=1, is on for everything this method reads and answers
+        memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
+        with adapter_active(self.model) if config.adapter else contextlib.nullcontext():
+            return self._splice_answers(config, choice, memory, tail, after_tail, in_view, stride, recompute)
+
+    def _splice_answers(self, config: ImportConfig, choice: str, memory, tail: list[int], after_tail: bool,
+                        in_view: bool, stride: int, recompute: bool) -> list[Generation]:
+        """:meth:`_splice` once the memory and the kept tail are there."""
         from kvmap.splice import bm25_blocks, choose_blocks
 
         blocks = config.blocks
-        memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
         if memory is None:  # the whole context fits next to the prompt: it is read as ordinary context
             return self._shared_context(tail, fits_window=True)
         shared = self._shared_prefill(tail) if tail and after_tail else None

@@ -83,7 +83,11 @@ ranked as memory blocks. ``recompute=1`` (splice methods): the chosen blocks' to
 prompt, their K/V computed anew next to the question, instead of spliced as the memory stored them (the limit
 of CacheBlend's partial recomputation where every spliced token is recomputed); the memory still chooses them."""
 BASELINE_OPTIONS = {"streaming": {"window": 2048}, "yarn": {"max_tokens": 32768},
-                     "rag-bm25": {"budget": 1024}, "rag-embed": {"budget": 1024}}
+                     "rag-bm25": {"budget": 1024, "adapter": 0}, "rag-embed": {"budget": 1024, "adapter": 0},
+                     "oracle": {"adapter": 0}, "none": {"adapter": 0}, "truncate": {"adapter": 0}}
+"""``adapter=1`` (oracle, none, truncate, RAG): the model's memory adapter is on while the method answers, as it is
+for a splice method with ``adapter=1``: the tuned model's own scores with the gold passage, with nothing, with
+the truncated context and with retrieved text (issue 16: what the adapter changes outside memory)."""
 
 
 def parse_method(name: str) -> tuple[str, dict]:
@@ -124,9 +128,9 @@ def import_config(name: str, default: ImportConfig | None = None) -> ImportConfi
 
 
 def uses_adapter(name: str) -> bool:
-    """Whether a method imports with the memory adapter (``kvmap:adapter=1``)."""
+    """Whether a method answers with the memory adapter on (``kvmap:adapter=1``, ``oracle:adapter=1``)."""
     base, options = parse_method(name)
-    return base in KVMAP_PRESETS and bool(options.get("adapter", 0))
+    return bool(options.get("adapter", 0))
 
 
 def local_tokens(name: str) -> int | None:
@@ -177,6 +181,8 @@ def check_methods(names: list[str]) -> None:
                                      "(BM25 ranks the kept context's text with the memory's)")
             except (ValueError, TypeError) as err:  # e.g. options of two retrieval modes at once
                 raise InputError(f"method '{name}': {err}") from None
+        elif options.get("adapter", 0) not in (0, 1):
+            raise InputError(f"method '{name}': adapter is a switch; give adapter=1 or adapter=0")
 
 
 @contextlib.contextmanager

@@ -10,6 +10,13 @@ method keeps the recent context), a prompt and the answer tokens the loss is tak
   at most five digits), and the statement templates are not the evaluations' templates.
 - ``qa``: an explicit FairytaleQA train question about one story, in the chat style of the FairytaleQA
   evaluation; the answer is the first annotator's.
+- ``babi`` (``babi_share``): the facts of a bAbI qa1 or qa2 *train* sample planted in order at sentence ends
+  of one story, asked in the BABILong chat prompt of the bAbI evaluation; the answer in the format that
+  prompt asks for. The evaluation draws its samples from bAbI's test file.
+
+Two modes (``mode``): ``import`` answers with the seed's token-level import of the whole memory; ``splice``
+answers as ``kvmap ask`` does by default: the memory blocks BM25 ranks best for the question have their
+stored K/V spliced into the prompt (:mod:`kvmap.splice`), after the local context, before the question.
 
 The other stories in the memory are hard negatives: the same kind of prose, from other documents.
 In a share of the examples (``local_answer_share``) the planted fact sits in the local context and the
@@ -32,6 +39,9 @@ import torch
 
 from kvmap.answer import chat_parts, context_prompt
 from kvmap.errors import InputError
+from kvmap.presets import SPLICE
+from kvmap.reader import token_texts
+from kvmap.splice import bm25_blocks
 from kvmap.stores.tensor import TensorMemory, recording
 
 FACT_ADJECTIVES = ("crimson", "velvet", "granite", "woolen", "copper", "sunlit", "hazel", "scarlet", "mossy", "pebbled",
@@ -50,6 +60,9 @@ FACT_TEMPLATES = (
 FACT_INSTRUCTION = "Some facts are hidden in the text below. Remember them: you will be asked about one."
 QA_INSTRUCTION = "Read the story and answer the question in one short sentence."
 """The FairytaleQA evaluation's instruction, so the tuned prompt is the evaluated one."""
+MODES = ("import", "splice")
+BABI_TASKS = (1, 2)
+"""bAbI tasks of the ``babi`` examples (the evaluation's qa1 and qa2)."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +84,19 @@ class DataSettings:
     """Share of ``fact`` examples whose text stream starts with the instruction, as an evaluation's context
     does (NIAH's starts with its task description), so that the memory holds it too and the model learns
     not to answer with it. 0 for the first adapter (``memory-adapter``), which was trained without it."""
+    mode: str = "import"
+    """``import``: the answer is read with token-level import of the memory (the first two adapters);
+    ``splice``: with the BM25-chosen blocks' stored K/V spliced into the prompt (``kvmap ask``'s default)."""
+    babi_share: float = 0.0
+    """Share of ``babi`` examples (bAbI qa1/qa2 train facts in a story), drawn before the fact/qa choice and only
+    when set, so the examples of earlier runs stay the same."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"training mode {self.mode!r}: choose {' or '.join(MODES)}")
+        if not 0 <= self.babi_share <= 1:
+            raise InputError(f"babi share is a share, 0 to 1, got {self.babi_share}")
         if self.n_val_stories < 2 or self.n_stories < self.n_val_stories + 2:
             raise InputError(f"{self.n_stories} stories with {self.n_val_stories} held out leave too few: each split "
                              "needs 2 or more (a target and a negative); give more stories")
@@ -88,6 +111,11 @@ class TuningExample:
     prompt_ids: list[int]
     target_ids: list[int]
     answer_in_memory: bool
+    splice_ids: torch.Tensor | None = None
+    """Splice mode: memory ids (M,) of the blocks BM25 chose, in reading order, spliced into the prompt at
+    ``splice_at``; ``None`` in import mode."""
+    splice_at: int = 0
+    """Index into ``prompt_ids`` where the spliced blocks go (after the local context, before the question)."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -149,21 +177,26 @@ class TuningData:
         pool = self.split_stories[split]
         if len(pool) < 2:
             raise InputError(f"the {split} split needs at least 2 stories (a target and a negative)")
+        babi = s.babi_share > 0 and rng.random() < s.babi_share  # drawn only when set (earlier runs' examples stay)
         kind = "fact" if rng.random() < s.fact_share else "qa"
         local = rng.choice(s.local_tokens)
-        in_local = local > 0 and rng.random() < s.local_answer_share
+        in_local = local > 0 and rng.random() < s.local_answer_share and not babi
         target, *negatives = rng.sample(pool, min(len(pool), 4))
         questions = [q for q in target[0]["questions"] if str(q.get("ex_or_im1", "")).startswith("explicit")
                      and q.get("answers_annotator1")]
         if not questions or in_local:  # a QA answer may sit anywhere in its story: only facts are made local
             kind = "fact"
+        kind = "babi" if babi else kind
         pieces = self._pieces(rng, target, negatives, kind, local, in_local)
         if kind == "fact":
-            prompt, answer = self._fact_prompt(pieces.pop(), local)
+            prompt, answer, question = self._fact_prompt(pieces.pop(), local)
+        elif kind == "babi":
+            prompt, answer, question = self._babi_prompt(pieces.pop())
         else:
             q = rng.choice(questions)
-            prompt, answer = self._qa_prompt(q["question"], q["answers_annotator1"][0], local)
-        return self._assemble(kind, pieces, local, prompt, answer, not in_local)
+            question = q["question"]
+            prompt, answer = self._qa_prompt(question, q["answers_annotator1"][0], local)
+        return self._assemble(kind, pieces, local, prompt, answer, not in_local, question)
 
     def _pieces(self, rng: random.Random, target, negatives, kind: str, local: int, in_local: bool) -> list:
         """The text stream as pieces ``(ids, segment, start)``; a ``fact`` example's last item is its
@@ -188,27 +221,48 @@ class TuningData:
         share = self.settings.instruction_in_memory  # drawn only when set: examples of earlier runs stay the same
         if kind == "fact" and share > 0 and rng.random() < share:
             stream.insert(0, self._instruction_piece())
-        if kind != "fact":
+        if kind == "qa":
             return stream
+        if kind == "babi":
+            sample = self._babi_sample(rng)
+            statements = [" " + f for f in sample["facts"]]
+            return self._plant(rng, stream, stream.index(target_piece), statements, 0) + [sample]
         key = f"{rng.choice(FACT_ADJECTIVES)} {rng.choice(FACT_NOUNS)}"
         fact = (key, str(rng.randint(100_000, 999_999)), rng.choice(FACT_TEMPLATES))
-        return self._plant(rng, stream, stream.index(target_piece), fact, local if in_local else 0) + [fact]
-
-    def _plant(self, rng, pieces: list, at: int, fact, within_last: int) -> list:
-        """Insert the fact's statement into the story ``pieces[at]`` at a sentence end (within its last
-        ``within_last`` tokens when the answer must be local), exported in the story's context."""
-        ids, segment, _ = pieces[at]
         statement = " " + fact[2][0].format(key=fact[0], value=fact[1])
-        fact_ids = self.tok(statement, add_special_tokens=False)["input_ids"]
+        return self._plant(rng, stream, stream.index(target_piece), [statement], local if in_local else 0) + [fact]
+
+    def _plant(self, rng, pieces: list, at: int, statements: list[str], within_last: int) -> list:
+        """Insert the statements, in order, into the story ``pieces[at]`` at sentence ends (a single one within
+        the story's last ``within_last`` tokens when the answer must be local), each exported in the story's
+        context (the 256 tokens before it)."""
+        ids, segment, _ = pieces[at]
+        planted = [self.tok(st, add_special_tokens=False)["input_ids"] for st in statements]
         if segment not in self._ends:  # one decode per token: done once per story, not once per example
             self._ends[segment] = [i + 1 for i, t in enumerate(ids[:-1])
                                    if self.tok.decode([t]).rstrip().endswith((".", "!", "?"))]
         ends = self._ends[segment]
-        lo = max(1, len(ids) - within_last + len(fact_ids) + 1) if within_last else 1
-        cut = rng.choice([e for e in ends if e >= lo] or [len(ids)])
-        exported = self._export(ids[max(0, cut - 256):cut], fact_ids)
-        return pieces[:at] + [(ids[:cut], segment, 0), (fact_ids, exported, 0),
-                              (ids[cut:], segment, cut)] + pieces[at + 1:]
+        lo = max(1, len(ids) - within_last + len(planted[0]) + 1) if within_last else 1
+        places = [e for e in ends if e >= lo] or [len(ids)]
+        if len(planted) == 1:
+            cuts = [rng.choice(places)]
+        else:  # several sentence ends in reading order (some shared where the story has too few)
+            cuts = sorted(rng.sample(places, len(planted)) if len(places) >= len(planted)
+                          else rng.choices(places, k=len(planted)))
+        out, last = pieces[:at], 0
+        for cut, fact_ids in zip(cuts, planted):
+            out += [(ids[last:cut], segment, last), (fact_ids, self._export(ids[max(0, cut - 256):cut], fact_ids), 0)]
+            last = cut
+        return out + [(ids[last:], segment, last)] + pieces[at + 1:]
+
+    def _babi_sample(self, rng) -> dict:
+        """A bAbI qa1 or qa2 *train* sample of at most 16 facts (each fact costs an export), with its task."""
+        from kvmap.data import babi
+
+        if not hasattr(self, "_babi"):
+            self._babi = {t: [x for x in babi(t, "train") if len(x["facts"]) <= 16] for t in BABI_TASKS}
+        task = rng.choice(BABI_TASKS)
+        return {**rng.choice(self._babi[task]), "task": task}
 
     def _instruction_piece(self) -> tuple:
         """The fact instruction as the first piece of a stream, exported once."""
@@ -228,19 +282,36 @@ class TuningData:
         values = np.stack([kv[l][1][0, :, -n:].transpose(0, 1).numpy() for l in range(port.layout.n_layers)])
         return keys, values
 
-    def _fact_prompt(self, fact, local: int) -> tuple[list[int], str]:
+    def _fact_prompt(self, fact, local: int) -> tuple[list[int], str, str]:
+        """(prompt ids, answer, the question BM25 ranks blocks for), in the completion style of NIAH."""
         key, value, (_, question, prefix) = fact
         ask = self.tok("\n" + question.format(key=key) + " " + prefix.format(key=key), add_special_tokens=False)
-        head = [] if local else self.tok(FACT_INSTRUCTION, add_special_tokens=False)["input_ids"]
-        return head + ask["input_ids"], f" {value}."
+        # splice mode: the prompt is what follows the spliced blocks, as NIAH's (whose memory holds the instruction)
+        head = [] if local or self.settings.mode == "splice" else self.tok(FACT_INSTRUCTION, add_special_tokens=False)["input_ids"]
+        return head + ask["input_ids"], f" {value}.", question.format(key=key)
+
+    def _babi_prompt(self, sample: dict) -> tuple[tuple[list[int], list[int]], str, str]:
+        """(the bAbI evaluation's chat prompt around its context slot, the answer in the format it asks for,
+        the question)."""
+        from kvmap.data import babilong_prompts
+
+        prompts = babilong_prompts()["DEFAULT_PROMPTS"][f"qa{sample['task']}"]
+        instruction = "\n\n".join([prompts["instruction"], prompts["examples"], prompts["post_prompt"]])
+        subject = sample["question"].rstrip("?").split()[-1]  # "Where is Mary?" / "Where is the football?"
+        answer = (f"The most recent location of {subject} is {sample['answer']}." if sample["task"] == 1
+                  else f"The {subject} is in the {sample['answer']}.")
+        return context_prompt(self.tok, sample["question"], instruction), answer, sample["question"]
 
     def _qa_prompt(self, question: str, answer: str, local: int) -> tuple[list[int], str]:
-        if local:
-            return list(context_prompt(self.tok, question, QA_INSTRUCTION)), answer
+        if local or self.settings.mode == "splice":  # (before, after) the context slot
+            return context_prompt(self.tok, question, QA_INSTRUCTION), answer
         return chat_parts(self.tok, f"{QA_INSTRUCTION}\n\nQuestion: {question}")[0], answer
 
-    def _assemble(self, kind, pieces, local: int, prompt, answer: str, in_memory: bool) -> TuningExample:
-        """Memory = every piece but the last ``local`` tokens; those go into the prompt."""
+    def _assemble(self, kind, pieces, local: int, prompt, answer: str, in_memory: bool,
+                  question: str) -> TuningExample:
+        """Memory = every piece but the last ``local`` tokens; those go into the prompt. Splice mode: the memory
+        keeps each token's text, and the blocks BM25 ranks best for ``question`` (above every block of the
+        local context, as the evaluation's in-view gate chooses) go between the local context and the rest."""
         layout = self.lm.port.layout
         ids = [t for p in pieces for t in p[0]]
         cut = len(ids) - local
@@ -259,17 +330,23 @@ class TuningData:
             taken += len(piece_ids)
         k = torch.from_numpy(np.concatenate(keys, axis=1).astype(np.float32)).permute(0, 2, 1, 3)  # (L, H, M, d)
         v = torch.from_numpy(np.concatenate(values, axis=1).astype(np.float32)).permute(0, 2, 1, 3)
-        memory = TensorMemory(layout, self.lm.model_id, {l: (k[l][None], v[l][None]) for l in range(layout.n_layers)})
+        splice = self.settings.mode == "splice"
+        texts = token_texts(self.tok, ids[:cut]) if splice else None
+        kv = {l: (k[l][None], v[l][None]) for l in range(layout.n_layers)}
+        memory = TensorMemory(layout, self.lm.model_id, kv, texts=texts)
         tail = ids[cut:]
-        if kind == "qa" and local:
-            before, after = prompt
-            prompt_ids = before + tail + after
-        else:
-            prompt_ids = tail + prompt if local else prompt
+        before, after = prompt if isinstance(prompt, tuple) else ([], prompt)  # chat: around the context slot
+        prompt_ids = before + tail + after if isinstance(prompt, tuple) or splice else tail + prompt
         target = self.tok(answer, add_special_tokens=False)["input_ids"]
-        if kind == "qa" and self.tok.eos_token_id is not None:
+        if kind != "fact" and self.tok.eos_token_id is not None:
             target = target + [self.tok.eos_token_id]  # the chat turn ends after the answer
-        return TuningExample(kind, memory, prompt_ids, target, in_memory)
+        ex = TuningExample(kind, memory, prompt_ids, target, in_memory)
+        if splice:
+            size, n_blocks = SPLICE["block_size"], SPLICE["n_blocks"]
+            view = [self.tok.decode(tail[i:i + size]) for i in range(0, len(tail), size)]
+            ex.splice_ids = bm25_blocks(memory, question, size, n_blocks, in_view=view)
+            ex.splice_at = len(before) + len(tail)
+        return ex
 
 
 def pool_key(model_id: str, settings: DataSettings, reader) -> str:

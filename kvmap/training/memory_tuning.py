@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kvmap.config import ImportConfig
-from kvmap.models.adapter import AdapterInfo, AdapterSettings, add_adapter, save_adapter
+from kvmap.models.adapter import AdapterInfo, AdapterSettings, adapter_active, add_adapter, save_adapter
 from kvmap.training.memory_data import DataSettings, TuningData, TuningExample
 
 
@@ -73,13 +73,30 @@ class MemoryTuning(pl.LightningModule):
         self.spent = dict(checkpoint.get("kvmap_seconds", self.spent))
 
     def example_loss(self, ex: TuningExample) -> tuple[torch.Tensor, bool]:
-        """Cross-entropy of the answer tokens with the memory imported, and whether greedy decoding
-        (teacher-forced) gets every answer token right."""
+        """Cross-entropy of the answer tokens with the memory imported (or, in splice mode, with the chosen blocks
+        spliced into the prompt), and whether greedy decoding (teacher-forced) gets every answer token right."""
         n = len(ex.target_ids)
-        with self.lm.port.importing(ex.memory, self.config):
-            logits = self.lm.model(input_ids=ex.input_ids, logits_to_keep=n + 1).logits[0, :-1]  # (n, V)
+        if ex.splice_ids is not None:
+            logits = self._spliced_logits(ex)
+        else:
+            with self.lm.port.importing(ex.memory, self.config):
+                logits = self.lm.model(input_ids=ex.input_ids, logits_to_keep=n + 1).logits[0, :-1]  # (n, V)
         target = torch.tensor(ex.target_ids)
         return F.cross_entropy(logits.float(), target), bool((logits.argmax(-1) == target).all())
+
+    def _spliced_logits(self, ex: TuningExample) -> torch.Tensor:
+        """(n, V) logits of the answer tokens read after the spliced blocks, the adapter on throughout, as
+        ``kvmap ask`` answers with it. The prompt up to the blocks and the blocks themselves (stored K/V, no
+        gradient: a memory is what the base model wrote) form the cache; the loss reaches the adapter through
+        the question and answer tokens read over it."""
+        from kvmap.splice import spliced_cache
+
+        n = len(ex.target_ids)
+        rest = torch.tensor(ex.prompt_ids[ex.splice_at:] + ex.target_ids)[None]  # (1, T)
+        with adapter_active(self.lm.model):
+            with torch.no_grad():
+                cache, _ = spliced_cache(self.lm.port, ex.memory, ex.prompt_ids[:ex.splice_at], ex.splice_ids)
+            return self.lm.model(input_ids=rest, cache=cache, use_cache=True, logits_to_keep=n + 1).logits[0, :-1]
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
