@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-ui venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 bench-adapter-dev bench-test-choices
+.PHONY: demo test test-ui venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 finetune-splice bench-adapter-dev bench-splice-adapter-dev bench-test-choices
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,6 +91,20 @@ finetune: $(STAMP)
 # NIAH's context does (the first adapter's misses answered with the instruction), 300 steps.
 finetune-v2: $(STAMP)
 	$(BIN)/kvmap finetune --out runs/finetune/memory-adapter-v2 --steps 300 --batch-size 4 --lr 1e-3 --instruction-in-memory 0.5
+
+# The splice adapter: trained to answer from the BM25-chosen blocks spliced into the prompt, as `kvmap ask` answers
+# by default (`--mode splice`), on FairytaleQA train questions, planted facts and bAbI qa1/qa2 *train* facts in
+# train stories. Estimate from its first run (2026-12-07): about 75 min on this 2-core CPU, pool build included.
+SPLICE_ADAPTER := runs/finetune/splice-adapter/adapter
+finetune-splice: $(STAMP)
+	$(BIN)/kvmap finetune --out runs/finetune/splice-adapter --mode splice --babi-share 0.3 --fact-share 0.3 --steps 300 --batch-size 4 --lr 1e-3
+
+# Dev rows of the splice adapter beside the base model's (same dev examples; about 40 min on this CPU).
+bench-splice-adapter-dev: $(STAMP)
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1,oracle:adapter=1,rag-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
+	for q in 1 2; do $(BIN)/kvmap eval babi --qa $$q --lengths 16k --limit 10 --methods oracle,rag-bm25,kvmap-splice-bm25:local=0,kvmap-splice-bm25:local=0:adapter=1,oracle:adapter=1,rag-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/babi-qa$$q; done
+	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/niah-single
+	$(MAKE) report
 
 # Dev rows of the default kvmap methods (the recent context kept, memories imported from the question on,
 # spliced blocks after the kept context), of the variants the defaults were chosen among (kept-context length,

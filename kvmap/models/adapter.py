@@ -1,9 +1,10 @@
-"""A memory adapter: LoRA weights (peft) that act only while a causal LM imports memories.
+"""A memory adapter: LoRA weights (peft) that act only while a causal LM answers from memory.
 
 Why only then: a memory holds the keys and values the *base* model wrote when it read a text. LoRA on
 any layer changes the hidden states every later layer sees, so a model with the adapter always on
 would write other keys than the memories already on disk, and no memory could be shared between the
-base and the tuned model. Here the adapter is switched on by the port's ``importing`` block and off
+base and the tuned model. Here the adapter is switched on by the port's ``importing`` block (and, for blocks
+spliced into a prompt, around the reading of that prompt and the answer: :func:`adapter_active`) and off
 everywhere else: reading (``remember``), answering without memory and every baseline run the base
 model bit for bit, and every existing memory stays valid. What the adapter learns
 (:mod:`kvmap.training.memory_tuning`) is how to *use* imported memories: how the queries score them
