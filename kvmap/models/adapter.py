@@ -5,7 +5,7 @@ any layer changes the hidden states every later layer sees, so a model with the 
 would write other keys than the memories already on disk, and no memory could be shared between the
 base and the tuned model. Here the adapter is switched on by the port's ``importing`` block (and, for blocks
 spliced into a prompt, around the reading of that prompt and the answer: :func:`adapter_active`) and off
-everywhere else: reading (``remember``), answering without memory and every baseline run the base
+everywhere else: reading (``remember``), answering without memory and every baseline (unless it says ``adapter=1``) run the base
 model bit for bit, and every existing memory stays valid. What the adapter learns
 (:mod:`kvmap.training.memory_tuning`) is how to *use* imported memories: how the queries score them
 and what the layers do with what comes back.
