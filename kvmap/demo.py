@@ -4,8 +4,10 @@ The memory is built once (about 60k tokens, far beyond SmolLM2's 8k window) and 
 question is answered four ways, and the tales the memories came from are shown: "with memory" is
 ``kvmap ask``'s default mode (the memory blocks BM25 ranks best for the question have their stored
 K/V spliced into the prompt, ``kvmap.splice``), "without memory" the same model alone,
-"token-level import" the seed's method (through the memory adapter of ``--adapter`` when given), and
-"BM25-gated import" the seed's method searching only the 2 blocks BM25 ranks best (``--mode import-bm25``).
+"token-level import" the seed's method, and "BM25-gated import" the seed's method searching only the 2 blocks
+BM25 ranks best (``--mode import-bm25``). A memory adapter given with ``--adapter`` acts in the ways it was
+trained for: a splice adapter (``kvmap finetune --mode splice``) in "with memory" and the retelling, an
+import adapter in the two import ways.
 The questions were picked among those SmolLM2-135M answers correctly when the tale itself is in its
 prompt (see README, "Demo"). Then three tales are retold ("Tell me the story of ...", the seed's
 other experiment), scored by ROUGE-L against the tale's opening, with and without memory.
@@ -69,23 +71,42 @@ def _rouge_l(text: str, reference: str) -> float:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, text)["rougeL"].fmeasure
 
 
-def _answers(lm, port, memory, question: str, adapter_config) -> dict:
+def tuned_mode(adapter: str | None) -> str | None:
+    """How a memory adapter was trained to read memories: ``splice`` or ``import`` (None without an adapter;
+    adapters from before ``--mode`` were import adapters)."""
+    if not adapter:
+        return None
+    from kvmap.models.adapter import read_info
+
+    return read_info(adapter).training.get("data", {}).get("mode", "import")
+
+
+def _answers(lm, port, memory, question: str, tuned: str | None) -> dict:
     """The question answered four ways: the best mode (splice), no memory, the seed's token-level import, and
-    that import among the BM25-chosen blocks only."""
-    return {"with memory": ask(lm, question, memory, preset("splice"), max_new_tokens=20, port=port),
+    that import among the BM25-chosen blocks only; the adapter (``tuned``: how it was trained) acts in its own."""
+    imported = {"adapter": tuned == "import"}
+    return {"with memory": ask(lm, question, memory, preset("splice", adapter=tuned == "splice"), max_new_tokens=20,
+                               port=port),
             "without memory": ask(lm, question, None, max_new_tokens=20, port=port),
-            "token-level import": ask(lm, question, memory, adapter_config, max_new_tokens=20, port=port, mode="import"),
-            "BM25-gated import": ask(lm, question, memory, None, max_new_tokens=20, port=port, mode="import-bm25")}
+            "token-level import": ask(lm, question, memory, preset("token-import", **imported), max_new_tokens=20,
+                                      port=port, mode="import"),
+            "BM25-gated import": ask(lm, question, memory, preset("bm25-import", **imported), max_new_tokens=20,
+                                     port=port, mode="import-bm25")}
 
 
-def _retell(lm, port, memory, n_tales: int) -> list[tuple[str, float, float]]:
+TUNED_WAY = {"splice": "with memory", "import": "token-level import"}
+"""The answer way each kind of adapter acts in (the BM25-gated import also takes an import adapter)."""
+
+
+def _retell(lm, port, memory, n_tales: int, tuned: str | None = None) -> list[tuple[str, float, float]]:
     """ROUGE-L of "Tell me the story of ..." against the tale's opening, with memory (splice) and without."""
     tales = {t["title"]: t for t in grimm_tales()[:n_tales]}
     out = []
     for title in [t for t in RETELL if t in tales]:
         question = f"Tell me the story of {title}."
         opening = " ".join(tales[title]["text"].split()[:150])
-        with_mem = ask(lm, question, memory, preset("splice"), max_new_tokens=150, port=port).text
+        with_mem = ask(lm, question, memory, preset("splice", adapter=tuned == "splice"), max_new_tokens=150,
+                       port=port).text
         without = ask(lm, question, None, max_new_tokens=150, port=port).text
         out.append((title, _rouge_l(with_mem, opening), _rouge_l(without, opening)))
     return out
@@ -94,33 +115,32 @@ def _retell(lm, port, memory, n_tales: int) -> list[tuple[str, float, float]]:
 def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = False, adapter: str | None = None,
              record: str | None = None) -> int:
     """Build (or reuse) the tale memory; answer the demo questions with memory (the best mode), without it and
-    with the seed's token-level import (through ``adapter`` when given); then retell three tales. ``record``:
+    with the seed's token-level import (each with ``adapter`` where it was trained for it); then retell three tales. ``record``:
     a JSON file for every answer and score, so that RESULTS.md quotes the demo from a run file."""
-    from kvmap.config import ImportConfig
-
     began = time.perf_counter()
     folder = Path(memory_dir) if memory_dir else cache_dir() / "demo-memory"
     lm, port, memory = build_memory(folder, n_tales, rebuild, adapter)
     print(f"\nMemory: {memory.n_tokens} tokens from {len(memory.sources())} tales "
           f"(SmolLM2's window is {lm.model.config.max_position_embeddings} tokens).\n")
-    token_level = ImportConfig()  # the seed's import; with the memory adapter on when one is loaded
+    tuned = tuned_mode(adapter)
     hits = {"with memory": 0, "without memory": 0, "token-level import": 0, "BM25-gated import": 0}
     log: list[dict] = []
     for question, expected in QUESTIONS:
-        answers = _answers(lm, port, memory, question, token_level)
+        answers = _answers(lm, port, memory, question, tuned)
         print(f"Q: {question}")
         for name, answer in answers.items():
             ok = any(w in answer.text.lower() for w in expected)
             hits[name] += ok
             log.append({"question": question, "way": name, "answer": answer.text, "correct": ok})
-            label = name + (" (adapter)" if name == "token-level import" and adapter else "")
+            label = name + (" (adapter)" if tuned and name == TUNED_WAY[tuned] or tuned == "import" and
+                            name == "BM25-gated import" else "")
             print(f"  {label:26s} [{'ok' if ok else '--'}] {answer.text}")
         top = list(answers["with memory"].source_shares.items())[:3]
         print("  memories came from: " + ", ".join(f"{src} ({share:.0%})" for src, share in top) + "\n")
     n = len(QUESTIONS)
     print("Answers containing the expected words: " + ", ".join(f"{k} {v}/{n}" for k, v in hits.items()) + ".")
     print("\nRetelling (ROUGE-L F1 against the tale's first 150 words):")
-    retold = _retell(lm, port, memory, n_tales)
+    retold = _retell(lm, port, memory, n_tales, tuned)
     for title, with_mem, without in retold:
         print(f"  {title:38s} with memory {with_mem:.3f}, without {without:.3f}")
     seconds = time.perf_counter() - began

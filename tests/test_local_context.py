@@ -107,3 +107,43 @@ def test_recompute_reads_the_chosen_blocks_again_as_tokens_after_the_kept_contex
             check_methods(["kvmap-splice-layerwise:recompute=1"])
     finally:
         runner.close()
+
+
+def test_a_splice_method_with_the_adapter_reads_its_blocks_tuned_over_a_memory_the_base_model_wrote(tmp_path):
+    """``kvmap-splice-bm25:adapter=1``: the memory is read by the base model (the same K/V as without the adapter);
+    the adapter is on while the kept context, the blocks' prompt and the answer are read, and off afterwards."""
+    import copy
+
+    import torch
+
+    from kvmap.eval.group import GroupRunner, prompt_parts
+    from kvmap.eval.tasks import make_examples
+    from kvmap.models.adapter import AdapterSettings, add_adapter
+    from kvmap.models.loading import LoadedModel, load_model
+
+    base = load_model()
+    model = copy.deepcopy(base.model)
+    add_adapter(model, AdapterSettings(rank=2))
+    with torch.no_grad():  # B = 0 would make the adapter a no-op: give it weights
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    lm = LoadedModel(model=model, tokenizer=base.tokenizer, model_id=base.model_id, adapter="a/adapter")
+    examples = make_examples("niah", lm.tokenizer, 700, 1, part="test")
+    runner = GroupRunner(lm, examples, tmp_path, max_new_tokens=8)
+    try:
+        before, after = prompt_parts(lm.tokenizer, examples[0], True)
+        runner.window = 300 + len(before) + len(after) + runner.max_new_tokens + 16
+        method = "kvmap-splice-bm25:in_view=0:n_blocks=1:block_size=16"
+        plain = runner.answer(method)[0]
+        memory = runner._memories[next(iter(runner._memories))]
+        stored = memory.fetch(5, torch.arange(memory.n_tokens)[None].expand(3, -1))[0].clone()
+        tuned = runner.answer(method + ":adapter=1")[0]
+        assert torch.equal(memory.fetch(5, torch.arange(memory.n_tokens)[None].expand(3, -1))[0], stored)
+        assert tuned.extra["spliced_tokens"] == plain.extra["spliced_tokens"] == 16  # the same blocks
+        assert tuned.text != plain.text  # read with the adapter on
+        assert all(layer.disable_adapters for layer in model._kvmap_lora_layers)  # and off again
+        again = runner.answer("oracle:adapter=0")[0]
+        assert again.text == GroupRunner(base, examples, tmp_path / "b", max_new_tokens=8).answer("oracle")[0].text
+    finally:
+        runner.close()

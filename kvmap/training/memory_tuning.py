@@ -210,7 +210,8 @@ def finetune(out: str | Path, model: str | None = None, steps: int = 500, batch_
                 "import": module.config.options(), "stories": [s["story"] for s in stories]}
     folder = save_adapter(lm.model, out / "adapter", AdapterInfo(lm.model_id, settings, training))
     merge_logs(out)
-    plot_curves(out / "metrics.csv", out / "training.png", "memory adapter: training with import in the forward pass")
+    how = "spliced blocks" if data_settings.mode == "splice" else "import"
+    plot_curves(out / "metrics.csv", out / "training.png", f"memory adapter: training with {how} in the forward pass")
     from kvmap.fileio import write_json_atomic
 
     write_json_atomic(out / "training.json", training, indent=2)
