@@ -68,6 +68,28 @@ def test_two_adapters_rows_are_two_cells_named_by_the_adapter_run(tmp_path):
     assert "| kvmap:adapter=1@memory-adapter-v2 | 0.0%" in text
 
 
+def test_tuned_rows_are_measured_against_the_baselines_tuned_by_the_same_adapter(tmp_path):
+    # the adapter lifts every answer: tuned kvmap 0.5 over a tuned oracle of 1.0 is half of it, not 5x the base's 0.1
+    base = [row(i, m, s, group=f"s{i}") for i in range(4) for m, s in (("oracle", 0.1), ("none", 0.0), ("rag-bm25", 0.1))]
+    write_run(tmp_path / "runs" / "base", "fairytaleqa", base, ["oracle", "none", "rag-bm25"], [1000])
+    methods = {"kvmap-splice-bm25:adapter=1": 0.5, "oracle:adapter=1": 1.0, "none:adapter=1": 0.2,
+               "rag-bm25:adapter=1": 0.4, "rag-bm25:budget=512:adapter=1": 0.3}
+    tuned = [row(i, m, s, group=f"s{i}") for i in range(4) for m, s in methods.items()]
+    folder = tmp_path / "runs" / "tuned"
+    write_run(folder, "fairytaleqa", tuned, list(methods), [1000])
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "adapter": "runs/finetune/splice-adapter/adapter"}))
+    (tmp_path / "runs" / "DISCUSSION.md").write_text(
+        "share {{share fairytaleqa dev 1000 kvmap-splice-bm25:adapter=1@splice-adapter oracle}}.")
+    text = report(tmp_path)
+    assert "| kvmap-splice-bm25:adapter=1@splice-adapter | 50% (n=4) |" in text  # over the tuned oracle
+    assert "| kvmap-splice-bm25:adapter=1@splice-adapter | 37% (n=4) |" in text  # (0.5 - 0.2) / (1.0 - 0.2), floats
+    assert "| kvmap-splice-bm25:adapter=1@splice-adapter | +30.0 (n=4, 4 clusters" not in text
+    assert "| kvmap-splice-bm25:adapter=1@splice-adapter | +30.0 [+30.0, +30.0] (n=4, 4 clusters) | +10.0 [" in text
+    assert "best RAG here: `rag-bm25`; rows tuned by a memory adapter" in text
+    assert "share 500% (n=4)." in text  # a placeholder names its reference: here the base oracle
+
+
 def test_methods_listed_without_predictions_are_named(tmp_path):
     write_run(tmp_path / "runs" / "a", "passkey", [row(0, "kvmap", 1.0)], ["kvmap", "kvmap-block"], [1000])
     assert "kvmap-block at 1000 in `a`" in report(tmp_path)

@@ -3,7 +3,8 @@ report embeds) filled from the harness sections, so that no figure in RESULTS.md
 
 ``{{score KEY PART LENGTH METHOD}}``: the cell's mean (``16.4%``); ``{{correct ...}}``: ``19/20``;
 ``{{cell ...}}``: mean, interval and n; ``{{diff KEY PART LENGTH A B}}``: A − B over the examples both
-have, in points, with its story-clustered 95% interval. KEY is the task, or task/variant
+have, in points, with its story-clustered 95% interval; ``{{share KEY PART LENGTH A B}}``: A's mean over B's on
+the examples both have (``87% (n=52)``). KEY is the task, or task/variant
 (``niah/single``, ``babi/1``); PART is ``dev`` or ``test``. ``{{json FILE FIELD [FORMAT]}}``: a field
 (dotted path, list items by index) of a JSON run file under the runs folder (the scale and bridge
 results), formatted with a Python format spec: ``{{json scale/filler-1m/passkey-scale.json
@@ -16,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-PLACEHOLDER = re.compile(r"\{\{(score|correct|cell|diff|json) ([^}]+)\}\}")
+PLACEHOLDER = re.compile(r"\{\{(score|correct|cell|diff|share|json) ([^}]+)\}\}")
 
 
 def _json_field(runs: Path, args: list[str]) -> str | None:
@@ -34,7 +35,7 @@ def _json_field(runs: Path, args: list[str]) -> str | None:
 
 def fill_claims(text: str, sections: list, runs: Path | None = None) -> tuple[str, list[str]]:
     """``text`` with every placeholder replaced; and the placeholders that named nothing."""
-    from kvmap.eval.report_grid import diff_text
+    from kvmap.eval.report_grid import diff_text, share_text
 
     by_key = {(s.key, s.part): s for s in sections}
     missing: list[str] = []
@@ -47,14 +48,14 @@ def fill_claims(text: str, sections: list, runs: Path | None = None) -> tuple[st
                 missing.append(match.group(0))
                 return f"**[no such field: {match.group(2)}]**"
             return value
-        n_args = 5 if kind == "diff" else 4  # KEY PART LENGTH METHOD [REFERENCE]
+        n_args = 5 if kind in ("diff", "share") else 4  # KEY PART LENGTH METHOD [REFERENCE]
         section = by_key.get((args[0], args[1])) if len(args) == n_args else None
         try:
             length = int(args[2])
         except (IndexError, ValueError):
             section = None
-        if section is not None and kind == "diff":
-            text = diff_text(section, length, args[3], args[4])
+        if section is not None and kind in ("diff", "share"):
+            text = (diff_text if kind == "diff" else share_text)(section, length, args[3], args[4])
             if text != "–":
                 return text
         elif section is not None:

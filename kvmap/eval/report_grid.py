@@ -123,11 +123,29 @@ def _shared(*cells: dict[str, tuple[float, str]]) -> list[str]:
     return sorted(ids)
 
 
+def reference(section: Section, length: int, method: str, base: str) -> str:
+    """What ``method`` is measured against: the baseline ``base`` itself, or, for a method tuned by a memory adapter
+    (shown as ``...adapter=1@RUN``), the same baseline answered with that adapter on (``oracle:adapter=1@RUN``)
+    where the run has it: whatever the adapter learned about answering, the tuned baseline learned too."""
+    if "@" not in method:
+        return base
+    tuned = f"{base}:adapter=1@{method.rsplit('@', 1)[1]}"
+    return tuned if section.cells.get((length, tuned), {}).get("n") else base
+
+
+def share_text(section: Section, length: int, method: str, reference_method: str) -> str:
+    """``method``'s mean over ``reference_method``'s, over the examples both have (``87% (n=52)``; ``–`` if none)."""
+    m, o = section.scores(length, method), section.scores(length, reference_method)
+    ids = _shared(m, o)
+    top = sum(o[i][0] for i in ids)
+    return f"{sum(m[i][0] for i in ids) / top:.0%} (n={len(ids)})" if ids and top else "–"
+
+
 def _ratio_row(section: Section, method: str, lengths: list[int], gain: bool) -> str:
     out = []
     for x in lengths:
-        m, o = section.scores(x, method), section.scores(x, "oracle")
-        z = section.scores(x, "none") if gain else {}
+        m, o = section.scores(x, method), section.scores(x, reference(section, x, method, "oracle"))
+        z = section.scores(x, reference(section, x, method, "none")) if gain else {}
         ids = _shared(m, o, z) if gain else _shared(m, o)
         mean = lambda cell: sum(cell[i][0] for i in ids) / len(ids)  # noqa: E731
         if not ids:
@@ -139,9 +157,13 @@ def _ratio_row(section: Section, method: str, lengths: list[int], gain: bool) ->
     return f"| {method} | " + " | ".join(out) + " |"
 
 
-def _best_rag(section: Section, length: int) -> str | None:
-    """The RAG baseline with the highest score at ``length`` (the strongest text retrieval this run has)."""
-    present = [(section.cells[(length, r)]["score"], r) for r in RAGS
+def _best_rag(section: Section, length: int, method: str = "") -> str | None:
+    """The RAG baseline with the highest score at ``length`` (the strongest text retrieval this run has); for a
+    method tuned by a memory adapter (``...@RUN``), the best RAG row answered with the same adapter, if any."""
+    run = method.rsplit("@", 1)[1] if "@" in method else None
+    candidates = [m for x, m in section.cells if x == length and m.split(":")[0] in RAGS
+                  and m.endswith(f"@{run}")] if run else []
+    present = [(section.cells[(length, r)]["score"], r) for r in candidates or RAGS
                if section.cells.get((length, r), {}).get("n")]
     return max(present)[1] if present else None
 
@@ -175,12 +197,16 @@ def _paired_tables(section: Section, lengths: list[int], methods: list[str]) -> 
              "same run; 95% percentile bootstrap over clusters: a story with its questions, or one haystack):", ""]
     for x in lengths:
         rag = _best_rag(section, x)
-        lines += [f"{x} tokens; best RAG here: {f'`{rag}`' if rag else 'no RAG in these runs'}", "",
+        tuned = sorted({_best_rag(section, x, m) for m in methods if "@" in m} - {rag, None})
+        lines += [f"{x} tokens; best RAG here: {f'`{rag}`' if rag else 'no RAG in these runs'}"
+                  + (f"; rows tuned by a memory adapter are measured against the same adapter's `none` and best RAG "
+                     f"({', '.join(f'`{t}`' for t in tuned)})" if tuned else ""), "",
                   "| method | − none | − best RAG |", "|---|---|---|"]
         for method in methods:
-            if method in ("none", "oracle") or not section.cells.get((x, method), {}).get("n"):
+            if method.split(":")[0].split("@")[0] in ("none", "oracle") or not section.cells.get((x, method), {}).get("n"):
                 continue
-            lines.append(f"| {method} | {diff_text(section, x, method, 'none')} | {diff_text(section, x, method, rag)} |")
+            lines.append(f"| {method} | {diff_text(section, x, method, reference(section, x, method, 'none'))} | "
+                         f"{diff_text(section, x, method, _best_rag(section, x, method))} |")
         lines.append("")
     return lines
 
@@ -231,7 +257,8 @@ def grid_sections(sections: list[Section], out_dir: Path) -> list[str]:
         if section.unrun:
             lines += ["", "Listed in a run's config but with no predictions (not run yet): "
                       + "; ".join(section.unrun) + "."]
-        lines += ["", "Share of `oracle` kept (method mean / oracle mean over the examples both have):", "",
+        lines += ["", "Share of `oracle` kept (method mean / oracle mean over the examples both have; a row tuned by a memory "
+                  "adapter, `...@RUN`, over the oracle answered with the same adapter where the run has it):", "",
                   "| method | " + " | ".join(str(x) for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
         lines += [_ratio_row(section, m, lengths, gain=False) for m in methods]
         lines += ["", "Share of the oracle's gain over `none` recovered ((method − none) / (oracle − none) over the "
