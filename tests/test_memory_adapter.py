@@ -174,25 +174,28 @@ def test_a_fact_in_memory_is_stored_there(tuning_data):
     assert torch.isfinite(keys).all()
 
 
-def test_training_steps_lower_the_loss_on_a_repeated_example(tuning_data):
+def _train_on(lm, data, ex, steps: int = 25) -> tuple[list[float], torch.nn.Module]:
+    """A fresh rank-4 adapter on a copy of ``lm``'s model, trained on one example: (losses, the tuned model)."""
+    from kvmap.models.loading import LoadedModel
     from kvmap.training.memory_tuning import MemoryTuning
 
-    lm, data = tuning_data
     model = copy.deepcopy(lm.model)
-    from kvmap.models.loading import LoadedModel
-
-    tuned = LoadedModel(model=model, tokenizer=lm.tokenizer, model_id=lm.model_id)
     params = add_adapter(model, AdapterSettings(rank=4))
-    module = MemoryTuning(tuned, params, data)
-    ex = data.example("train", 0)
+    module = MemoryTuning(LoadedModel(model=model, tokenizer=lm.tokenizer, model_id=lm.model_id), params, data)
     opt = torch.optim.Adam(params, lr=3e-2)
     losses = []
-    for _ in range(25):
+    for _ in range(steps):
         opt.zero_grad()
         loss, _ = module.example_loss(ex)
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses, model
+
+
+def test_training_steps_lower_the_loss_on_a_repeated_example(tuning_data):
+    lm, data = tuning_data
+    losses, _ = _train_on(lm, data, data.example("train", 0))
     assert losses[-1] < losses[0] - 0.5  # a random tiny model: slow, but steadily down
 
 
@@ -353,24 +356,10 @@ def test_splice_examples_put_the_bm25_blocks_between_the_local_context_and_the_q
 
 
 def test_splice_training_steps_lower_the_loss_and_leave_the_memory_alone(splice_data):
-    from kvmap.models.loading import LoadedModel
-    from kvmap.training.memory_tuning import MemoryTuning
-
     lm, data = splice_data
-    model = copy.deepcopy(lm.model)
-    tuned = LoadedModel(model=model, tokenizer=lm.tokenizer, model_id=lm.model_id)
-    params = add_adapter(model, AdapterSettings(rank=4))
-    module = MemoryTuning(tuned, params, data)
     ex = next(e for e in (data.example("train", i) for i in range(20)) if e.kind == "qa" and e.splice_ids.numel())
     stored = ex.memory.kv(1)[0].clone()
-    opt = torch.optim.Adam(params, lr=3e-2)
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss, _ = module.example_loss(ex)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, model = _train_on(lm, data, ex)
     assert losses[-1] < losses[0] - 0.5
     assert torch.equal(ex.memory.kv(1)[0], stored)  # the spliced memories are what the base model wrote
     assert all(layer.disable_adapters for layer in model._kvmap_lora_layers)  # off again after each step
