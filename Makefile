@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-ui venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 finetune-splice bench-adapter-dev bench-splice-adapter-dev bench-test-choices
+.PHONY: demo test test-ui venv clean-venv bench bench-dev bench-full bench-bridges bench-scale bench-index report finetune finetune-v2 finetune-splice bench-adapter-dev bench-splice-adapter-dev bench-splice-adapter-test bench-test-choices
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The shipped splice adapter (runs/finetune/splice-adapter, ~4 MB) tunes the answers from memory; a clone
+# without its weights answers with the base model and says how to train it (`make finetune-splice`, ~70 min).
+SPLICE_ADAPTER := runs/finetune/splice-adapter/adapter
 demo: $(STAMP)
-	$(BIN)/kvmap demo
+	@if [ -f $(SPLICE_ADAPTER)/adapter.safetensors ]; then $(BIN)/kvmap demo --adapter $(SPLICE_ADAPTER); \
+	else echo "no splice adapter weights in $(SPLICE_ADAPTER): the base model answers (make finetune-splice trains them)"; \
+	$(BIN)/kvmap demo; fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -95,13 +100,12 @@ finetune-v2: $(STAMP)
 # The splice adapter: trained to answer from the BM25-chosen blocks spliced into the prompt, as `kvmap ask` answers
 # by default (`--mode splice`), on FairytaleQA train questions, planted facts and bAbI qa1/qa2 *train* facts in
 # train stories. Estimate from its first run (2026-12-07): about 75 min on this 2-core CPU, pool build included.
-SPLICE_ADAPTER := runs/finetune/splice-adapter/adapter
 finetune-splice: $(STAMP)
 	$(BIN)/kvmap finetune --out runs/finetune/splice-adapter --mode splice --babi-share 0.3 --fact-share 0.3 --steps 300 --batch-size 4 --lr 1e-3
 
-# Dev rows of the splice adapter beside the base model's (same dev examples; about 40 min on this CPU).
+# Dev rows of the splice adapter beside the base model's (same dev examples; about 70 min on this CPU).
 bench-splice-adapter-dev: $(STAMP)
-	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1,oracle:adapter=1,rag-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1,oracle:adapter=1,rag-bm25:adapter=1,none:adapter=1,kvmap-splice-bm25:n_blocks=16:adapter=1,kvmap-splice-bm25:local=0:n_blocks=16:adapter=1,rag-bm25:budget=512:adapter=1,rag-bm25:budget=2048:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
 	for q in 1 2; do $(BIN)/kvmap eval babi --qa $$q --lengths 16k --limit 10 --methods oracle,rag-bm25,kvmap-splice-bm25:local=0,kvmap-splice-bm25:local=0:adapter=1,oracle:adapter=1,rag-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/babi-qa$$q; done
 	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/niah-single
 	$(MAKE) report
@@ -149,6 +153,15 @@ bench-test-choices: $(STAMP)
 	$(BIN)/kvmap eval passkey --part test --lengths 16k --limit 20 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey
 	$(NIAH_TEST) --lengths 4k --limit 50 --methods $(BM25_IMPORT_METHOD),kvmap-splice-bm25 --out runs/grid/niah-single-4k
 	$(BIN)/kvmap eval passkey --part test --lengths 64k --limit 10 --methods none,truncate,$(BM25_IMPORT_METHOD) --out runs/grid/passkey
+	$(MAKE) report
+
+# Test-part rows of the splice adapter, chosen on dev (bench-splice-adapter-dev): `kvmap ask`'s default mode
+# (BM25 blocks spliced after the kept context) tuned, against the oracle, none and the RAG tuned by the same
+# adapter (its budget 512 was the best tuned RAG on dev), into the grid's run folders (about 60 min on this CPU).
+bench-splice-adapter-test: $(STAMP)
+	$(BIN)/kvmap eval fairytaleqa --part test --per-story 4 --lengths 16k --limit 52 --methods kvmap-splice-bm25:adapter=1,oracle:adapter=1,none:adapter=1,rag-bm25:adapter=1,rag-bm25:budget=512:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/grid/fairytaleqa
+	for q in 1 2; do $(BIN)/kvmap eval babi --part test --qa $$q --lengths 16k --limit 10 --methods kvmap-splice-bm25:adapter=1,oracle:adapter=1,rag-bm25:adapter=1,none:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/grid/babi-qa$$q; done
+	$(NIAH_TEST) --lengths 16k --limit 50 --methods kvmap-splice-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/grid/niah-single-16k
 	$(MAKE) report
 
 bench-bridges: $(STAMP) $(LIMB_CKPT)

@@ -225,6 +225,9 @@ def test_finetune_resumes_and_writes_its_run_folder(tuning_data, tmp_path, monke
     steps = {int(r.split(",")[1]) for r in rows[1:] if r.split(",")[1]}
     assert {0, 1, 2, 3} <= steps
     assert (tmp_path / "run" / "training.png").is_file()
+    assert memory_tuning.finished(tmp_path / "run", 4) and not memory_tuning.finished(tmp_path / "run", 5)
+    (folder / "adapter.safetensors").unlink()  # a clone that kept the record but not the weights
+    assert not memory_tuning.finished(tmp_path / "run", 4)
 
 
 def test_adapter_0_imports_with_the_base_model(adapted):

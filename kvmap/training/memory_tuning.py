@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kvmap.config import ImportConfig
-from kvmap.models.adapter import AdapterInfo, AdapterSettings, adapter_active, add_adapter, save_adapter
+from kvmap.models.adapter import (SETTINGS, WEIGHTS, AdapterInfo, AdapterSettings, adapter_active, add_adapter,
+                                  save_adapter)
 from kvmap.training.memory_data import DataSettings, TuningData, TuningExample
 
 
@@ -149,14 +150,16 @@ def merge_logs(out: Path) -> Path:
     return out / "metrics.csv"
 
 
-def _finished_steps(out: Path) -> int:
-    """Steps a finished run in ``out`` trained (0: none); a larger ``steps`` trains on from its checkpoint."""
+def finished(out: Path, steps: int) -> bool:
+    """Whether ``out`` holds a run that trained ``steps`` steps or more *and* its adapter's weights; a record
+    without them (a clone where the weights were not kept) trains anew, a larger ``steps`` trains on."""
     import json
 
     try:
-        return int(json.loads((out / "training.json").read_text())["steps"])
+        trained = int(json.loads((out / "training.json").read_text())["steps"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return False
+    return trained >= steps and all((out / "adapter" / name).is_file() for name in (SETTINGS, WEIGHTS))
 
 
 def finetune(out: str | Path, model: str | None = None, steps: int = 500, batch_size: int = 4, lr: float = 5e-4,
@@ -177,7 +180,7 @@ def finetune(out: str | Path, model: str | None = None, steps: int = 500, batch_
     from kvmap.training.run import plot_curves
 
     out = Path(out)
-    if _finished_steps(out) >= steps and (out / "adapter" / "adapter.json").is_file():
+    if finished(out, steps):
         return out / "adapter"
     settings, data_settings = settings or AdapterSettings(), data_settings or DataSettings()
     stories = train_stories(data_settings.n_stories, data_settings.seed)  # checked before the model loads
