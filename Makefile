@@ -106,6 +106,8 @@ finetune-splice: $(STAMP)
 # Dev rows of the splice adapter beside the base model's (same dev examples; about 70 min on this CPU).
 bench-splice-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1,oracle:adapter=1,rag-bm25:adapter=1,none:adapter=1,kvmap-splice-bm25:n_blocks=16:adapter=1,kvmap-splice-bm25:local=0:n_blocks=16:adapter=1,rag-bm25:budget=512:adapter=1,rag-bm25:budget=2048:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
+	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 30 --methods kvmap-splice-bm25:n_blocks=4:adapter=1,kvmap-splice-bm25:block_size=128:n_blocks=4:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
+	$(BIN)/python benchmarks/retell_dev.py --adapter $(SPLICE_ADAPTER)
 	for q in 1 2; do $(BIN)/kvmap eval babi --qa $$q --lengths 16k --limit 10 --methods oracle,rag-bm25,kvmap-splice-bm25:local=0,kvmap-splice-bm25:local=0:adapter=1,oracle:adapter=1,rag-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/babi-qa$$q; done
 	$(BIN)/kvmap eval niah --lengths 16k --limit 10 --max-new-tokens 40 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/niah-single
 	$(MAKE) report

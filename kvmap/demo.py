@@ -6,11 +6,12 @@ question is answered four ways, and the tales the memories came from are shown: 
 K/V spliced into the prompt, ``kvmap.splice``), "without memory" the same model alone,
 "token-level import" the seed's method, and "BM25-gated import" the seed's method searching only the 2 blocks
 BM25 ranks best (``--mode import-bm25``). A memory adapter given with ``--adapter`` acts in the ways it was
-trained for: a splice adapter (``kvmap finetune --mode splice``) in "with memory" and the retelling, an
-import adapter in the two import ways.
+trained for: a splice adapter (``kvmap finetune --mode splice``) in "with memory", an import adapter in the
+two import ways.
 The questions were picked among those SmolLM2-135M answers correctly when the tale itself is in its
 prompt (see README, "Demo"). Then three tales are retold ("Tell me the story of ...", the seed's
-other experiment), scored by ROUGE-L against the tale's opening, with and without memory.
+other experiment), scored by ROUGE-L against the tale's opening, with and without memory; the retelling
+splices the blocks of :data:`kvmap.presets.RETELL_SPLICE`, read by the base model, as chosen on other tales.
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ RETELL = ("The Frog-King, or Iron Henry", "The Fisherman and His Wife", "The Bre
 """Tales the demo asks to be retold (the seed paper's other experiment: "Tell me the story of ...")."""
 
 
-def _rouge_l(text: str, reference: str) -> float:
+def retell_score(text: str, tale: dict, opening_words: int = 150) -> float:
+    """ROUGE-L F1 of a retelling against the tale's first ``opening_words`` words."""
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, text)["rougeL"].fmeasure
+    opening = " ".join(tale["text"].split()[:opening_words])
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(opening, text)["rougeL"].fmeasure
 
 
 def tuned_mode(adapter: str | None) -> str | None:
@@ -98,17 +101,16 @@ TUNED_WAY = {"splice": "with memory", "import": "token-level import"}
 """The answer way each kind of adapter acts in (the BM25-gated import also takes an import adapter)."""
 
 
-def _retell(lm, port, memory, n_tales: int, tuned: str | None = None) -> list[tuple[str, float, float]]:
-    """ROUGE-L of "Tell me the story of ..." against the tale's opening, with memory (splice) and without."""
+def _retell(lm, port, memory, n_tales: int) -> list[tuple[str, float, float]]:
+    """ROUGE-L of "Tell me the story of ..." against the tale's opening, with memory (the ``retell`` splice
+    preset) and without."""
     tales = {t["title"]: t for t in grimm_tales()[:n_tales]}
     out = []
     for title in [t for t in RETELL if t in tales]:
         question = f"Tell me the story of {title}."
-        opening = " ".join(tales[title]["text"].split()[:150])
-        with_mem = ask(lm, question, memory, preset("splice", adapter=tuned == "splice"), max_new_tokens=150,
-                       port=port).text
+        with_mem = ask(lm, question, memory, preset("retell"), max_new_tokens=150, port=port).text
         without = ask(lm, question, None, max_new_tokens=150, port=port).text
-        out.append((title, _rouge_l(with_mem, opening), _rouge_l(without, opening)))
+        out.append((title, retell_score(with_mem, tales[title]), retell_score(without, tales[title])))
     return out
 
 
@@ -140,7 +142,7 @@ def run_demo(memory_dir: str | None = None, n_tales: int = 28, rebuild: bool = F
     n = len(QUESTIONS)
     print("Answers containing the expected words: " + ", ".join(f"{k} {v}/{n}" for k, v in hits.items()) + ".")
     print("\nRetelling (ROUGE-L F1 against the tale's first 150 words):")
-    retold = _retell(lm, port, memory, n_tales, tuned)
+    retold = _retell(lm, port, memory, n_tales)
     for title, with_mem, without in retold:
         print(f"  {title:38s} with memory {with_mem:.3f}, without {without:.3f}")
     seconds = time.perf_counter() - began
