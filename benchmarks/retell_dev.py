@@ -6,7 +6,7 @@ BM25 ranks best for the question) and the splice adapter, the retelling scored b
 richest in the title's words are scattered over the tale, and the adapter was trained on short answers.
 This script scores other splice settings, with and without the adapter acting, on *other* tales of the
 same demo memory (the dev tales), so that the setting the demo uses for retelling is chosen away from the
-tales it is reported on. Writes ``runs/demo/retell-dev.json``; about 10 minutes on this CPU.
+tales it is reported on. Writes ``runs/demo/retell-dev.json``; about 9 minutes on this CPU.
 
     python benchmarks/retell_dev.py --adapter runs/finetune/splice-adapter/adapter [--tales 6]
 """
@@ -23,6 +23,8 @@ VARIANTS: dict[str, dict] = {
     "4x128": {"block_size": 128, "n_blocks": 4},
     "2x64:neighbours=3": {"n_blocks": 2, "neighbours": 3},
     "1x512": {"block_size": 512, "n_blocks": 1},
+    "1x128:following=3": {"block_size": 128, "n_blocks": 1, "following": 3},  # read on from the best match
+    "1x64:following=7": {"n_blocks": 1, "following": 7},
 }
 
 

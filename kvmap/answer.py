@@ -142,7 +142,8 @@ def ask_spliced(lm: LoadedModel, question: str, memory, choice: str = "bm25", co
                          "use kvmap.presets.preset('splice', ...) or ImportConfig.from_options(block_size=..., n_blocks=...)")
     size = config.blocks.size
     if choice == "bm25":
-        blocks = bm25_block_ids(memory, question, size, config.blocks.n_blocks, config.blocks.neighbours)
+        blocks = bm25_block_ids(memory, question, size, config.blocks.n_blocks, config.blocks.neighbours,
+                                following=config.blocks.following)
         scores = bm25_block_scores(memory, question, size)
     else:
         question_tokens = len(tok(question, add_special_tokens=False)["input_ids"])

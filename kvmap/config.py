@@ -35,7 +35,10 @@ class BlockRetrieval:
     """Blocks chosen per (layer, KV head)."""
     neighbours: int = 0
     """Also import this many blocks either side of each chosen one (EM-LLM's contiguity buffer); the
-    total stays ``n_blocks * (1 + 2 * neighbours)`` blocks."""
+    total stays ``n_blocks * (1 + 2 * neighbours + following)`` blocks."""
+    following: int = 0
+    """Also import this many blocks *after* each chosen one: text read on from where the best match starts
+    (a tale from the block holding its title), where ``neighbours`` centres on the match."""
     select_last: int = 0
     """Only the queries of the prompt's last ``select_last`` tokens choose (e.g. the question's); 0: all."""
     fixed: tuple[int, ...] | None = None
@@ -46,6 +49,7 @@ class BlockRetrieval:
         _at_least("block_size", self.size, 1)
         _at_least("n_blocks", self.n_blocks, 1)
         _at_least("neighbours", self.neighbours, 0)
+        _at_least("following", self.following, 0)
         _at_least("select_last", self.select_last, 0)
         if self.fixed is not None:
             object.__setattr__(self, "fixed", tuple(self.fixed))
@@ -92,7 +96,7 @@ class RetrievalReuse:
 
 _TOKEN_OPTIONS = ("top_k", "distance", "layers", "placement", "search_chunk", "memory_cap", "heads", "adapter")
 _BLOCK_OPTIONS = {"block_size": "size", "n_blocks": "n_blocks", "neighbours": "neighbours",
-                  "fixed_blocks": "fixed"}
+                  "following": "following", "fixed_blocks": "fixed"}
 _REUSE_OPTIONS = {"reuse": "candidates", "reuse_next": "next", "reuse_next_best": "next_best",
                   "reuse_blocks": "blocks", "reuse_block_size": "block_size", "reuse_probe": "probe"}
 OPTION_NAMES = (*_TOKEN_OPTIONS, *_BLOCK_OPTIONS, "select_last", *_REUSE_OPTIONS)
@@ -184,7 +188,7 @@ class ImportConfig:
     def from_options(cls, **options) -> "ImportConfig":
         """An ImportConfig from flat option names (:data:`OPTION_NAMES`).
 
-        ``block_size > 0`` selects block retrieval (``n_blocks``, ``neighbours``, ``fixed_blocks``,
+        ``block_size > 0`` selects block retrieval (``n_blocks``, ``neighbours``, ``following``, ``fixed_blocks``,
         ``select_last`` apply to it), ``reuse > 0`` retrieval reuse (``reuse_*`` and ``select_last``); a
         block or reuse option without its mode is an error, as is an unknown name.
         """
@@ -198,9 +202,9 @@ class ImportConfig:
         use_reuse = reuse.get("candidates", 0) not in (0, None)
         if use_blocks and use_reuse:
             raise InputError("block retrieval and retrieval reuse exclude each other; set block_size or reuse, not both")
-        block_defaults = {"n_blocks": 8, "neighbours": 0, "fixed": None}
+        block_defaults = {"n_blocks": 8, "neighbours": 0, "following": 0, "fixed": None}
         if not use_blocks and any(block.get(k, v) != v for k, v in block_defaults.items()):
-            raise InputError("n_blocks, neighbours and fixed_blocks need block retrieval; set block_size too")
+            raise InputError("n_blocks, neighbours, following and fixed_blocks need block retrieval; set block_size too")
         reuse_defaults = {"next": 0, "next_best": 0, "blocks": 0, "block_size": 32, "probe": 0}
         if not use_reuse and any(reuse.get(k, v) != v for k, v in reuse_defaults.items()):
             raise InputError("reuse_next, reuse_next_best, reuse_blocks and reuse_probe need retrieval reuse; "
@@ -222,7 +226,7 @@ class ImportConfig:
 
     def options(self) -> dict:
         """The flat options this config stands for (every name of :data:`OPTION_NAMES`, 0 where a mode is off;
-        ``memory_cap``, ``heads`` and ``reuse_probe`` only when set, so that configs written before they existed still compare equal)."""
+        ``memory_cap``, ``heads``, ``reuse_probe`` and ``following`` only when set, so that configs written before they existed still compare equal)."""
         blocks, reuse = self.blocks, self.reuse
         return {
             "top_k": self.top_k, "distance": self.distance, "layers": self.layers, "placement": self.placement,
@@ -236,7 +240,8 @@ class ImportConfig:
         } | ({"memory_cap": self.memory_cap} if self.memory_cap != 100 else {}) \
             | ({"reuse_probe": reuse.probe} if reuse and reuse.probe else {}) \
             | ({"adapter": False} if not self.adapter else {}) \
-            | ({"heads": self.heads} if self.heads is not None else {})  # run files before them lack both
+            | ({"heads": self.heads} if self.heads is not None else {}) \
+            | ({"following": blocks.following} if blocks and blocks.following else {})  # run files before them lack these
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

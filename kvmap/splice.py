@@ -58,14 +58,14 @@ def top_blocks(mass: torch.Tensor, n_blocks_wanted: int, block_size: int, n_toke
 
 
 def bm25_blocks(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0,
-                in_view: list[str] = (), stride: int = 0) -> torch.Tensor:
+                in_view: list[str] = (), stride: int = 0, following: int = 0) -> torch.Tensor:
     """Memory ids (M,) of the blocks :func:`bm25_block_ids` chooses, in reading order (empty if none)."""
-    ids = bm25_block_ids(memory, question, block_size, n_blocks, neighbours, in_view, stride)
+    ids = bm25_block_ids(memory, question, block_size, n_blocks, neighbours, in_view, stride, following)
     return block_tokens(ids, block_size, memory.n_tokens, stride) if ids else torch.zeros(0, dtype=torch.long)
 
 
 def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 8, neighbours: int = 0,
-                   in_view: list[str] = (), stride: int = 0) -> list[int]:
+                   in_view: list[str] = (), stride: int = 0, following: int = 0) -> list[int]:
     """Indices of the ``n_blocks`` blocks whose text BM25 ranks best for ``question``, in reading order.
 
     ``stride``: blocks start every ``stride`` tokens (0: every ``block_size``, blocks that do not overlap).
@@ -79,6 +79,9 @@ def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 
     merge, so this gives at most ``n_blocks * (1 + 2 * neighbours)`` blocks, fewer when chosen
     blocks sit close together (unlike the import path, which fills that budget).
 
+    ``following``: also take that many blocks after each chosen one (and its neighbours): text read on from
+    where the best match starts, e.g. a tale from the block that holds its title.
+
     ``in_view``: blocks of text the model reads anyway (the recent context kept in the prompt, cut into
     blocks of ``block_size`` tokens), ranked with the memory's; only memory blocks that rank above the
     best of them are chosen, so where the answer is in view nothing from memory competes with it."""
@@ -91,7 +94,7 @@ def bm25_block_ids(memory, question: str, block_size: int = 64, n_blocks: int = 
         # keep every choice the same length: a short block at the end never counts among the chosen
         ranked = [b for b in ranked if b * stride + block_size <= memory.n_tokens]
     ranked = [b for b in ranked[:n_blocks] if scores[b] > bar]
-    return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + 1) if 0 <= n < n_all})
+    return sorted({n for b in ranked for n in range(b - neighbours, b + neighbours + following + 1) if 0 <= n < n_all})
 
 
 def bm25_memory(memory, question: str, n_blocks: int, block_size: int = 64, stride: int = 0,

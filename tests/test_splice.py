@@ -78,3 +78,23 @@ def test_splicing_onto_a_shared_prefix_equals_splicing_after_reading_it():
         a = port.model(torch.tensor(question)[None], cache=whole, use_cache=True).logits
         b = port.model(torch.tensor(question)[None], cache=onto, use_cache=True).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_following_reads_on_from_each_choice():
+    """``following``: the blocks after the best match come too (a tale read on from its title), clipped at the end."""
+    assert bm25_block_ids(memory(), "frog well", block_size=4, n_blocks=1, following=1) == [1, 2]
+    assert bm25_block_ids(memory(), "frog well", block_size=4, n_blocks=1, neighbours=1, following=1) == [0, 1, 2, 3]
+    assert bm25_block_ids(memory(), "crown door", block_size=4, n_blocks=1, following=5) == [2, 3]
+
+
+def test_following_is_a_block_option_that_round_trips():
+    import pytest
+
+    from kvmap.errors import InputError
+    from kvmap.ports import ImportConfig
+
+    config = ImportConfig.from_options(block_size=128, n_blocks=1, following=3)
+    assert config.blocks.following == 3 and ImportConfig.from_options(**config.options()) == config
+    assert "following" not in ImportConfig.from_options(block_size=64).options()  # old run files compare equal
+    with pytest.raises(InputError, match="need block retrieval"):
+        ImportConfig.from_options(following=2)

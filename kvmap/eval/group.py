@@ -322,7 +322,8 @@ class GroupRunner:
         blocks = config.blocks
         # the memory is read first, by the base model (a memory holds what the base model wrote); then the adapter,
         # with adapter=1, is on for everything this method reads and answers
-        memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size * (1 + 2 * blocks.neighbours))
+        memory, tail = self._split_context(local, reserve=blocks.n_blocks * blocks.size
+                                           * (1 + 2 * blocks.neighbours + blocks.following))
         with adapter_active(self.model) if config.adapter else contextlib.nullcontext():
             return self._splice_answers(config, choice, memory, tail, after_tail, in_view, stride, recompute)
 
@@ -342,7 +343,7 @@ class GroupRunner:
             before, _ = prompt_parts(self.tok, ex, False)
             if choice == "bm25":
                 ids = bm25_blocks(memory, ex.question, config.blocks.size, config.blocks.n_blocks, config.blocks.neighbours,
-                                  in_view=view, stride=stride)
+                                  in_view=view, stride=stride, following=config.blocks.following)
             elif choice == "layerwise":
                 with torch.no_grad(), self.port.importing(memory, config) as trace:
                     self.model(torch.tensor(before)[None], use_cache=False)

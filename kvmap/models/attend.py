@@ -329,7 +329,7 @@ def _choose_blocks(state: RetrievalState, layer: int, q: torch.Tensor, like: tor
     Each query (rotated to ``distance``) spreads a softmax over the blocks' mean keys, with the attention's
     own scaling (``scale``: ``attn.scaling``, times the rotary's attention_scaling for un-rotated keys); a block's
     score is the mass all of a KV head's queries give it. The best blocks (plus ``neighbours``
-    either side) are imported in reading order. Returns keys, values of shape (Hkv, M, d).
+    either side and ``following`` after) are imported in reading order. Returns keys, values of shape (Hkv, M, d).
     """
     cfg, memory = state.config, state.memory
     blocks = cfg.blocks
@@ -343,17 +343,18 @@ def _choose_blocks(state: RetrievalState, layer: int, q: torch.Tensor, like: tor
     logits = torch.einsum("hmd,hbd->hmb", queries, means) * (scale * state.unrotated_scale)  # (Hkv, r*T', n_blocks)
     mass = torch.softmax(logits, dim=-1).sum(1)  # (Hkv, n_blocks)
     state.trace.block_mass[layer] = mass
-    want = min(n_blocks, blocks.n_blocks * (1 + 2 * blocks.neighbours))
+    span = 1 + 2 * blocks.neighbours + blocks.following  # blocks each choice brings
+    want = min(n_blocks, blocks.n_blocks * span)
     if memory.n_tokens % blocks.size and n_blocks > want:
         mass[:, -1] = -1.0  # rank the short last block last, so every layer imports the same count
     if blocks.fixed is not None:
-        want = min(want, len(blocks.fixed) * (1 + 2 * blocks.neighbours))
+        want = min(want, len(blocks.fixed) * span)
     ids = []
     for head in range(n_kv):
         chosen: list[int] = []
         ranking = list(blocks.fixed) if blocks.fixed is not None else mass[head].argsort(descending=True).tolist()
         for b in ranking:
-            for nb in range(b - blocks.neighbours, b + blocks.neighbours + 1):
+            for nb in range(b - blocks.neighbours, b + blocks.neighbours + blocks.following + 1):
                 if 0 <= nb < n_blocks and nb not in chosen and len(chosen) < want:
                     chosen.append(nb)
             if len(chosen) >= want:
