@@ -23,23 +23,25 @@ def _fake_lm():
 def chooser(monkeypatch):
     import kvmap.splice
 
-    def bm25_block_ids(memory, question, block_size, n_blocks, neighbours=0):
-        raise _Chosen(block_size, n_blocks, neighbours)
+    def bm25_block_ids(memory, question, block_size, n_blocks, neighbours=0, following=0):
+        raise _Chosen(block_size, n_blocks, neighbours, following)
 
     monkeypatch.setattr(kvmap.splice, "bm25_block_ids", bm25_block_ids)
 
 
 def test_splice_mode_uses_the_given_block_settings(chooser):
     with pytest.raises(_Chosen) as got:
-        ask(_fake_lm(), "Who?", memory=object(), config=preset("splice", block_size=16, n_blocks=3, neighbours=1))
-    assert got.value.args == (16, 3, 1)
+        ask(_fake_lm(), "Who?", memory=object(), config=preset("splice", block_size=16, n_blocks=3, neighbours=1,
+                                                                  following=2))
+    assert got.value.args == (16, 3, 1, 2)
 
 
 def test_splice_mode_without_a_config_uses_the_splice_preset(chooser):
     with pytest.raises(_Chosen) as got:
         ask(_fake_lm(), "Who?", memory=object())
     splice = preset("splice")
-    assert got.value.args == (splice.blocks.size, splice.blocks.n_blocks, splice.blocks.neighbours)
+    assert got.value.args == (splice.blocks.size, splice.blocks.n_blocks, splice.blocks.neighbours,
+                              splice.blocks.following)
 
 
 def test_splice_mode_refuses_a_config_without_blocks(chooser):
