@@ -56,6 +56,7 @@ def lm():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # about 4 minutes for the four tasks: `make test-long` (CI runs it), not `make test`
 @pytest.mark.parametrize("task,length,options", [
     ("passkey", 300, {}), ("niah", 400, {"variant": "multiquery"}),
     ("fairytaleqa", 200, {"per_story": 2}), ("babi", 500, {"qa": 2})])
