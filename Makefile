@@ -108,7 +108,8 @@ finetune-v2: $(STAMP)
 finetune-splice: $(STAMP)
 	$(BIN)/kvmap finetune --out runs/finetune/splice-adapter --mode splice --babi-share 0.3 --fact-share 0.3 --steps 300 --batch-size 4 --lr 1e-3
 
-# Dev rows of the splice adapter beside the base model's (same dev examples; about 70 min on this CPU).
+# Dev rows of the splice adapter beside the base model's (same dev examples; about 95 min on this CPU: the fewer-blocks rows
+# about 15 min, the retelling variants about 10).
 bench-splice-adapter-dev: $(STAMP)
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 50 --methods kvmap-splice-bm25:local=0:adapter=1,kvmap-splice-bm25:adapter=1,oracle:adapter=1,rag-bm25:adapter=1,none:adapter=1,kvmap-splice-bm25:n_blocks=16:adapter=1,kvmap-splice-bm25:local=0:n_blocks=16:adapter=1,rag-bm25:budget=512:adapter=1,rag-bm25:budget=2048:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
 	$(BIN)/kvmap eval fairytaleqa --lengths 16k --limit 30 --methods kvmap-splice-bm25:n_blocks=4:adapter=1,kvmap-splice-bm25:block_size=128:n_blocks=4:adapter=1 --adapter $(SPLICE_ADAPTER) --out runs/splice-adapter/fairytaleqa-16k
